@@ -1,0 +1,334 @@
+"""The Jumpout layer: Algorithm 1 of "Jumpout: Improved Dropout for Deep Neural Networks with
+Rectified Linear Units", with each of its three modifications switchable.
+
+One layer covers plain dropout and every row of the paper's Table 1 ablation:
+
+* Modification I (monotone rate): the base rate is drawn per call as
+  ``min(p_min + |N(0, sigma)|, p_max)`` (Algorithm 1, line 2); ``rate=`` fixes it instead.
+* Modification II (``adaptive``): the base rate is divided by the fraction of active (positive)
+  entries of the input (Algorithm 1, lines 1 and 3), capped at ``max_rate``.
+* Modification III (``exponent``): kept entries are scaled by ``(1 - p')^-exponent`` (line 5);
+  ``exponent=1`` is classic inverted dropout.
+
+Everything that depends on the data (the sampled rate, the active fraction, the scale) stays a
+tensor on the input's device: the forward and backward passes never synchronise with the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ABLATIONS",
+    "Jumpout",
+    "ablation_kwargs",
+    "jumpout",
+    "list_ablations",
+    "sample_base_rate",
+]
+
+# The keep/drop decision compares 16-bit random integers against a threshold, so the applied rate
+# is quantised to 1/65536: far below the sampling noise of any mask. Four decisions come out of
+# each 64-bit draw, which makes mask generation several times cheaper than ``bernoulli_`` on CPU.
+_RANDOM_LEVELS = 65536
+_INT16_MIN = -32768
+_INT16_MAX = 32767
+
+
+def _validate(
+    sigma: float,
+    p_min: float,
+    p_max: float,
+    rate: float | None,
+    exponent: float,
+    max_rate: float,
+) -> None:
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if not (0 <= p_min < p_max < 1):
+        raise ValueError(f"need 0 <= p_min < p_max < 1, got p_min={p_min!r}, p_max={p_max!r}")
+    if rate is not None and not (0 <= rate < 1):
+        raise ValueError(f"rate must be in [0, 1) or None, got {rate!r}")
+    if not (math.isfinite(exponent) and exponent >= 0):
+        raise ValueError(f"exponent must be a finite number >= 0, got {exponent!r}")
+    if not (0 < max_rate < 1):
+        raise ValueError(f"max_rate must be in (0, 1), got {max_rate!r}")
+
+
+def sample_base_rate(
+    sigma: float,
+    p_min: float,
+    p_max: float,
+    shape: tuple[int, ...] = (),
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw dropout rates from the truncated half-normal of Modification I.
+
+    .. math:: p = \\min(p_{min} + |z|, p_{max}), \\quad z \\sim \\mathcal{N}(0, \\sigma^2)
+
+    Smaller rates are the more likely ones (the density is monotone decreasing on
+    ``[p_min, p_max)``, with the mass of the tail collected at ``p_max``).
+    """
+    z = torch.randn(shape, device=device)
+    return (z.abs_().mul_(sigma).add_(p_min)).clamp_(max=p_max)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``input * mask * scale`` that saves a 1-byte mask and a scale for backward.
+
+    The rate, and so the mask and scale, are constants of the forward pass: the active fraction
+    is a step function of the input, with zero gradient almost everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(mask, scale)
+        return input.mul(mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        mask, scale = ctx.saved_tensors
+        return grad_output.mul(mask).mul_(scale), None, None
+
+
+def _jumpout(
+    input: Tensor,
+    sigma: float,
+    p_min: float,
+    p_max: float,
+    rate: float | None,
+    adaptive: bool,
+    exponent: float,
+    per_sample: bool,
+    max_rate: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Apply Algorithm 1 in training mode; return the output, q+ and the applied rate p'."""
+    device = input.device
+    batch = input.shape[0] if input.dim() > 0 else 1
+    per_row = per_sample and input.dim() > 1
+    # One rate per sample broadcasts as (N, 1, 1, ...); one per batch is a 0-dim tensor.
+    stat_shape = (batch,) + (1,) * (input.dim() - 1) if per_row else ()
+
+    if rate is None:
+        base_rate = sample_base_rate(sigma, p_min, p_max, stat_shape, device=device)
+    else:
+        base_rate = torch.full(stat_shape, rate, device=device)
+
+    # q+ is computed even when the rate does not use it, so that every ablation row can log the
+    # paper's Figure 1 (active fraction per layer); it is one cheap counting pass.
+    positive = input > 0
+    if per_row:
+        dims = tuple(range(1, input.dim()))
+        active = torch.count_nonzero(positive, dim=dims).view(stat_shape)
+        active_fraction = active / (input.numel() // batch)
+    else:
+        # The batch average of per-sample fractions equals the fraction over the whole batch,
+        # since every sample has the same number of entries.
+        active_fraction = torch.count_nonzero(positive) / input.numel()
+
+    if adaptive:
+        # When nothing is active there is nothing to drop: rate 0, scale 1, no division by zero.
+        normalised = base_rate / active_fraction.clamp(min=1.0 / input.numel())
+        applied_rate = torch.where(
+            active_fraction > 0, normalised.clamp_(max=max_rate), torch.zeros_like(base_rate)
+        )
+    else:
+        applied_rate = base_rate
+
+    keep = 1.0 - applied_rate
+    # P(random16 <= threshold) = (threshold + 32769) / 65536 = round(keep * 65536) / 65536.
+    threshold = (keep * _RANDOM_LEVELS).round_().sub_(_INT16_MAX + 2)
+    threshold = threshold.clamp_(_INT16_MIN, _INT16_MAX).to(torch.int16)
+    words = (input.numel() + 3) // 4
+    bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None)
+    random16 = bits.view(torch.int16)[: input.numel()].view(input.shape)
+    mask = random16 <= threshold
+    scale = keep.pow(-exponent).to(input.dtype)
+    output = _MaskedScale.apply(input, mask, scale)
+    return output, active_fraction, applied_rate
+
+
+def jumpout(
+    input: Tensor,
+    sigma: float = 0.1,
+    p_min: float = 0.01,
+    p_max: float = 0.6,
+    *,
+    rate: float | None = None,
+    adaptive: bool = True,
+    exponent: float = 0.75,
+    per_sample: bool = False,
+    max_rate: float = 0.9,
+    training: bool = True,
+) -> Tensor:
+    """Functional form of :class:`Jumpout`; see it for the arguments.
+
+    Returns ``input`` itself when ``training`` is False or the input is empty.
+    """
+    _validate(sigma, p_min, p_max, rate, exponent, max_rate)
+    if not training or input.numel() == 0:
+        return input
+    output, _, _ = _jumpout(
+        input, sigma, p_min, p_max, rate, adaptive, exponent, per_sample, max_rate
+    )
+    return output
+
+
+class Jumpout(nn.Module):
+    r"""Jumpout: dropout with a monotone random rate, normalised by the fraction of active units,
+    and rescaled for batch normalisation (Algorithm 1 of the Jumpout paper).
+
+    In training mode, for an input :math:`h` of shape :math:`(N, *)`:
+
+    .. math::
+        q^+ &= rac{1}{|h|} \sum_i \mathbb{1}[h_i > 0]
+            && 	ext{(fraction of active entries)} \
+        p &= \min(p_{min} + |z|, p_{max}), \quad z \sim \mathcal{N}(0, \sigma^2)
+            && 	ext{(Modification I)} \
+        p' &= \min(p / q^+, p_{max\_rate})
+            && 	ext{(Modification II)} \
+        h'_i &= (1 - p')^{-\gamma} \, m_i h_i, \quad m_i \sim 	ext{Bernoulli}(1 - p')
+            && 	ext{(Modification III, } \gamma = 	ext{exponent)}
+
+    :math:`q^+` is averaged over the batch, or kept per sample with ``per_sample=True`` (then the
+    base rate is also drawn per sample). When no entry is active nothing is dropped. In evaluation
+    mode the layer returns its input unchanged.
+
+    ``Jumpout(rate=p, adaptive=False, exponent=1.0)`` is ``nn.Dropout(p)``; every row of the
+    paper's Table 1 is a combination of these switches (see :func:`ablation_kwargs`).
+
+    After each training forward, :attr:`last_active_fraction` and :attr:`last_rate` hold
+    :math:`q^+` and :math:`p'` (batch means) as detached tensors on the input's device, so a
+    training loop can log them (the paper's Figure 1) without synchronising.
+
+    Args:
+        sigma: standard deviation of the Gaussian the base rate is drawn from. Default: 0.1
+        p_min: lower truncation of the base rate. Default: 0.01
+        p_max: upper truncation of the base rate. Default: 0.6
+        rate: a fixed base rate instead of the random one (turns Modification I off).
+            Default: ``None``
+        adaptive: divide the base rate by the active fraction (Modification II). Default: True
+        exponent: kept entries are scaled by ``(1 - p')^-exponent`` (Modification III);
+            1.0 is classic inverted dropout. Default: 0.75
+        per_sample: compute the active fraction and draw the rate per sample instead of per
+            batch. Default: False
+        max_rate: cap on the normalised rate :math:`p'`, below 1. Default: 0.9
+
+    Shape:
+        - Input: :math:`(N, *)`, any number of trailing dimensions; the mask is element-wise.
+        - Output: :math:`(N, *)`, same shape as the input.
+
+    Examples::
+
+        >>> m = Jumpout(sigma=0.1, p_min=0.01, p_max=0.6)
+        >>> out = m(torch.relu(torch.randn(20, 16)))
+        >>> plain_dropout = Jumpout(rate=0.3, adaptive=False, exponent=1.0)
+
+    Reference:
+        "Jumpout: Improved Dropout for Deep Neural Networks with Rectified Linear Units",
+        Section 3 and Algorithm 1.
+    """
+
+    __constants__ = ["sigma", "p_min", "p_max", "rate", "adaptive", "exponent", "per_sample"]
+
+    def __init__(
+        self,
+        sigma: float = 0.1,
+        p_min: float = 0.01,
+        p_max: float = 0.6,
+        *,
+        rate: float | None = None,
+        adaptive: bool = True,
+        exponent: float = 0.75,
+        per_sample: bool = False,
+        max_rate: float = 0.9,
+    ) -> None:
+        super().__init__()
+        _validate(sigma, p_min, p_max, rate, exponent, max_rate)
+        self.sigma = float(sigma)
+        self.p_min = float(p_min)
+        self.p_max = float(p_max)
+        self.rate = None if rate is None else float(rate)
+        self.adaptive = bool(adaptive)
+        self.exponent = float(exponent)
+        self.per_sample = bool(per_sample)
+        self.max_rate = float(max_rate)
+        # Plain attributes, not buffers: they are observations, not state to checkpoint.
+        self.last_active_fraction: Tensor | None = None
+        self.last_rate: Tensor | None = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or input.numel() == 0:
+            return input
+        output, active_fraction, applied_rate = _jumpout(
+            input,
+            self.sigma,
+            self.p_min,
+            self.p_max,
+            self.rate,
+            self.adaptive,
+            self.exponent,
+            self.per_sample,
+            self.max_rate,
+        )
+        self.last_active_fraction = active_fraction.detach().mean()
+        self.last_rate = applied_rate.detach().mean()
+        return output
+
+    def extra_repr(self) -> str:
+        base = (
+            f"rate={self.rate}"
+            if self.rate is not None
+            else f"sigma={self.sigma}, p_min={self.p_min}, p_max={self.p_max}"
+        )
+        return (
+            f"{base}, adaptive={self.adaptive}, exponent={self.exponent}, "
+            f"per_sample={self.per_sample}, max_rate={self.max_rate}"
+        )
+
+
+# Table 1 of the paper: which modifications each row switches on. Rows without Modification I
+# use a fixed base rate, given by the caller (the paper does not state it).
+_TABLE1_MODIFICATIONS: dict[str, frozenset[str]] = {
+    "dropout": frozenset(),
+    "dropout+I": frozenset({"I"}),
+    "dropout+II": frozenset({"II"}),
+    "dropout+III": frozenset({"III"}),
+    "dropout+I+II": frozenset({"I", "II"}),
+    "dropout+II+III": frozenset({"II", "III"}),
+    "dropout+I+III": frozenset({"I", "III"}),
+    "jumpout": frozenset({"I", "II", "III"}),
+}
+ABLATIONS: tuple[str, ...] = tuple(_TABLE1_MODIFICATIONS)
+# The paper's table spells one row "Dropout+III+I".
+_ALIASES = {"dropout+iii+i": "dropout+I+III"}
+
+
+def list_ablations() -> list[str]:
+    """The Table 1 row names, in the paper's order of modifications."""
+    return list(ABLATIONS)
+
+
+def ablation_kwargs(name: str, *, dropout_rate: float = 0.3) -> dict:
+    """Map a Table 1 row name to :class:`Jumpout` keyword arguments.
+
+    The result holds ``rate``, ``adaptive`` and ``exponent``; ``sigma``, ``p_min`` and ``p_max``
+    are left to the caller. Rows without Modification I get ``rate=dropout_rate``; rows with it get
+    ``rate=None`` (the random rate). ``ablation_kwargs("dropout", dropout_rate=p)`` makes the layer
+    equivalent to ``nn.Dropout(p)``.
+    """
+    canonical = {row.lower(): row for row in ABLATIONS}
+    key = name.strip().lower()
+    row = canonical.get(key) or _ALIASES.get(key)
+    if row is None:
+        raise ValueError(f"unknown ablation {name!r}; accepted: {', '.join(ABLATIONS)}")
+    modifications = _TABLE1_MODIFICATIONS[row]
+    return {
+        "rate": None if "I" in modifications else dropout_rate,
+        "adaptive": "II" in modifications,
+        "exponent": 0.75 if "III" in modifications else 1.0,
+    }
