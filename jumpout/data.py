@@ -1,0 +1,513 @@
+"""Dataset registry: the paper's datasets, their statistics, and where they live on disk.
+
+:func:`load_dataset` returns ``(train_set, test_set, info)`` ready for a ``DataLoader``:
+images are normalised float tensors ``(C, H, W)``, labels are ints in ``[0, num_classes)``.
+The real datasets are read with torchvision's own classes and never downloaded unless the
+caller asks (``download=True``, the CLI's ``--download``); a missing dataset raises
+:class:`DatasetNotFoundError` naming the directory, the files expected and how to get them.
+
+Layout under ``data_dir`` (each dataset gets its own torchvision ``root``)::
+
+    data_dir/cifar10/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
+    data_dir/cifar100/cifar-100-python/{train,test,meta}
+    data_dir/fashion_mnist/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
+    data_dir/svhn/{train,test}_32x32.mat
+    data_dir/stl10/stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin
+    data_dir/imagenet/{train,val}/<class>/<image>
+
+ImageNet is read with ``torchvision.datasets.ImageFolder`` rather than the ``ImageNet``
+class: that class also wants the devkit's ``meta.bin`` only to attach human-readable names,
+and both sort the WordNet ids the same way, so the class indices agree. It also lets any
+ImageNet subset laid out the same way (e.g. Imagenette) be used; ``info.num_classes`` is then
+the number of class folders found.
+
+Two datasets need no files: ``digits`` (scikit-learn's 1797 8x8 handwritten digits, the real
+data available offline everywhere) and ``synthetic`` (seeded, class-dependent random images
+for smoke tests). Both are returned as in-memory ``TensorDataset``\\ s without augmentation.
+
+Augmentation follows ``docs/recipes.md``: CIFAR random crop 32 (4 px zero padding) and
+horizontal flip; Fashion-MNIST crop 28 (4 px padding) and flip; STL10 crop 96 (12 px padding,
+the same eighth of the side as CIFAR's 4 of 32) and flip; SVHN none (its digits are not
+mirror-symmetric and the WRN paper trains SVHN without augmentation); ImageNet
+RandomResizedCrop(224) and flip, evaluated on Resize(256) + CenterCrop(224).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+__all__ = [
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "dataset_info",
+    "list_datasets",
+    "load_dataset",
+]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset.
+
+    Attributes:
+        name: registry name (``load_dataset``'s first argument).
+        num_classes, in_channels, image_size: what the model must accept (square images).
+        mean, std: per-channel normalisation statistics.
+        train_size, test_size: number of samples in the full splits, ``None`` if unknown.
+        subdir: directory under ``data_dir`` passed to torchvision as ``root``
+            (empty for datasets that need no files).
+        files: files expected, relative to ``data_dir``.
+        how_to_get: what a user can do when they are missing.
+        can_download: whether ``download=True`` can fetch it.
+        stats_source: where ``mean``/``std`` come from.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_size: int | None = None
+    test_size: int | None = None
+    subdir: str = ""
+    files: tuple[str, ...] = ()
+    how_to_get: str = ""
+    can_download: bool = True
+    stats_source: str = ""
+
+    def root(self, data_dir: str | os.PathLike[str]) -> Path:
+        """The directory torchvision reads this dataset from."""
+        return Path(data_dir) / self.subdir
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a dataset are missing (or fail torchvision's integrity check).
+
+    The message names the directory searched, the files expected and how to get them.
+    """
+
+    def __init__(self, info: DatasetInfo, directory: str | os.PathLike[str], detail: str = ""):
+        self.dataset = info.name
+        self.directory = str(directory)
+        self.files = info.files
+        remedy = info.how_to_get
+        if info.can_download:
+            remedy = (
+                f"pass download=True (CLI: --download) to let torchvision fetch it, "
+                f"or copy the files there ({info.how_to_get})"
+            )
+        message = (
+            f"dataset {info.name!r} not found (or corrupted) in {self.directory}: "
+            f"expected {', '.join(info.files)}; {remedy}"
+        )
+        if detail:
+            message += f" [{detail}]"
+        super().__init__(message)
+
+
+_CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+_FASHION_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin")
+
+_RECIPES_STATS = "docs/recipes.md (hysts/pytorch_image_classification)"
+_DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            name="cifar10",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            train_size=50_000,
+            test_size=10_000,
+            subdir="cifar10",
+            files=tuple(f"cifar10/cifar-10-batches-py/{f}" for f in _CIFAR10_BATCHES),
+            how_to_get="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted",
+            stats_source=_RECIPES_STATS,
+        ),
+        DatasetInfo(
+            name="cifar100",
+            num_classes=100,
+            in_channels=3,
+            image_size=32,
+            mean=(0.5071, 0.4865, 0.4409),
+            std=(0.2673, 0.2564, 0.2762),
+            train_size=50_000,
+            test_size=10_000,
+            subdir="cifar100",
+            files=tuple(f"cifar100/cifar-100-python/{f}" for f in ("train", "test", "meta")),
+            how_to_get="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extracted",
+            stats_source=_RECIPES_STATS,
+        ),
+        DatasetInfo(
+            name="fashion_mnist",
+            num_classes=10,
+            in_channels=1,
+            image_size=28,
+            mean=(0.2860,),
+            std=(0.3530,),
+            train_size=60_000,
+            test_size=10_000,
+            subdir="fashion_mnist",
+            files=tuple(f"fashion_mnist/FashionMNIST/raw/{f}" for f in _FASHION_FILES),
+            how_to_get="the four gunzipped IDX files of github.com/zalandoresearch/fashion-mnist",
+            stats_source=_RECIPES_STATS,
+        ),
+        DatasetInfo(
+            name="svhn",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            # No network here to compute them from the files; these are the widely published
+            # statistics of the SVHN training split.
+            mean=(0.4377, 0.4438, 0.4728),
+            std=(0.1980, 0.2010, 0.1970),
+            train_size=73_257,
+            test_size=26_032,
+            subdir="svhn",
+            files=("svhn/train_32x32.mat", "svhn/test_32x32.mat"),
+            how_to_get="http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits)",
+            stats_source="widely published statistics of the SVHN train split",
+        ),
+        DatasetInfo(
+            name="stl10",
+            num_classes=10,
+            in_channels=3,
+            image_size=96,
+            mean=(0.4467, 0.4398, 0.4066),
+            std=(0.2603, 0.2566, 0.2713),
+            train_size=5_000,
+            test_size=8_000,
+            subdir="stl10",
+            # torchvision checks unlabeled_X.bin too, although only the labelled splits are read.
+            files=tuple(f"stl10/stl10_binary/{f}" for f in _STL10_FILES),
+            how_to_get="http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz, extracted",
+            stats_source="widely published statistics of the STL10 train split",
+        ),
+        DatasetInfo(
+            name="imagenet",
+            num_classes=1000,
+            in_channels=3,
+            image_size=224,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            train_size=1_281_167,
+            test_size=50_000,
+            subdir="imagenet",
+            files=("imagenet/train/<class>/<image>", "imagenet/val/<class>/<image>"),
+            how_to_get="it cannot be downloaded automatically: get ILSVRC2012 from image-net.org "
+            "and put the train and val images in one folder per class",
+            can_download=False,
+            stats_source=_RECIPES_STATS,
+        ),
+        DatasetInfo(
+            name="digits",
+            num_classes=10,
+            in_channels=1,
+            image_size=8,
+            mean=(0.3054,),
+            std=(0.3761,),
+            train_size=1_437,
+            test_size=360,
+            how_to_get="bundled with scikit-learn",
+            can_download=False,
+            stats_source="computed on the 1437-image train split, pixels scaled to [0, 1]",
+        ),
+        DatasetInfo(
+            name="synthetic",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.2082, 0.2082, 0.2082),
+            train_size=512,
+            test_size=128,
+            how_to_get="generated in memory",
+            can_download=False,
+            stats_source="of the generating distribution 0.6 U(0,1) + 0.4 U(0,1)",
+        ),
+    )
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`, sorted."""
+    return sorted(_DATASETS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Static facts about ``name``; ValueError listing the known names if unknown."""
+    try:
+        return _DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}"
+        ) from None
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str],
+    *,
+    download: bool = False,
+    augment: bool = True,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    **kwargs: Any,
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Load the train and test splits of ``name``.
+
+    Args:
+        name: one of :func:`list_datasets`.
+        data_dir: the directory holding every dataset (see the module docstring for layout).
+        download: let torchvision fetch missing files. Off by default: jobs must not reach
+            the network unless asked to.
+        augment: random training augmentation as in ``docs/recipes.md``; the test split is
+            never augmented. Ignored by ``digits`` and ``synthetic``.
+        train_size, test_size: keep only this many samples of a split (a seeded random
+            subset, so classes stay balanced), for smoke tests; ``None`` keeps all.
+        **kwargs: for ``synthetic``: ``num_classes`` (10), ``image_size`` (32),
+            ``in_channels`` (3), ``size`` (training images, 512; the test split has a quarter
+            as many, at least one per class) and ``seed`` (0). For ``digits``: ``seed`` of the
+            stratified split (0).
+
+    Returns:
+        ``(train_set, test_set, info)``; ``info`` reflects what was loaded (e.g. the synthetic
+        shape asked for, or the number of ImageFolder classes found).
+
+    Raises:
+        ValueError: unknown name or unexpected keyword arguments.
+        DatasetNotFoundError: the files are missing or corrupted.
+    """
+    info = dataset_info(name)
+    loader = _LOADERS[name]
+    allowed = _LOADER_KWARGS.get(name, ())
+    unexpected = sorted(set(kwargs) - set(allowed))
+    if unexpected:
+        accepted = ", ".join(allowed) if allowed else "none"
+        raise ValueError(
+            f"load_dataset({name!r}) got unexpected keyword arguments {unexpected}; "
+            f"accepted: {accepted}"
+        )
+    train_set, test_set, info = loader(
+        info, Path(data_dir), download=download, augment=augment, **kwargs
+    )
+    return _cap(train_set, train_size, "train_size"), _cap(test_set, test_size, "test_size"), info
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision-backed datasets
+
+
+def _transforms(info: DatasetInfo, augment: bool) -> tuple[T.Compose, T.Compose]:
+    normalise = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    if info.name == "imagenet":
+        test = T.Compose([T.Resize(256), T.CenterCrop(224), *normalise])
+        if not augment:
+            return test, test
+        train = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *normalise])
+        return train, test
+    test = T.Compose(normalise)
+    padding = {"cifar10": 4, "cifar100": 4, "fashion_mnist": 4, "stl10": 12}.get(info.name)
+    if not augment or padding is None:
+        return test, test
+    crop = T.RandomCrop(info.image_size, padding=padding)
+    return T.Compose([crop, T.RandomHorizontalFlip(), *normalise]), test
+
+
+def _construct(info: DatasetInfo, data_dir: Path, build):
+    """Call ``build(root)`` and turn torchvision's "not found" errors into ours."""
+    root = info.root(data_dir)
+    try:
+        return build(str(root))
+    except RuntimeError as error:
+        # torchvision's wording: "Dataset not found or corrupted. You can use download=True
+        # ..." (CIFAR, SVHN, STL10), "Dataset not found. ..." (MNIST family), "Dataset
+        # metadata file not found or corrupted" (CIFAR meta).
+        if "not found" in str(error):
+            raise DatasetNotFoundError(info, root) from error
+        raise
+
+
+def _load_cifar(info, data_dir, *, download, augment):
+    cls = tv_datasets.CIFAR10 if info.name == "cifar10" else tv_datasets.CIFAR100
+    train_tf, test_tf = _transforms(info, augment)
+    train = _construct(info, data_dir, lambda root: cls(root, True, train_tf, download=download))
+    test = _construct(info, data_dir, lambda root: cls(root, False, test_tf, download=download))
+    return train, test, info
+
+
+def _load_fashion_mnist(info, data_dir, *, download, augment):
+    train_tf, test_tf = _transforms(info, augment)
+    cls = tv_datasets.FashionMNIST
+    train = _construct(info, data_dir, lambda root: cls(root, True, train_tf, download=download))
+    test = _construct(info, data_dir, lambda root: cls(root, False, test_tf, download=download))
+    return train, test, info
+
+
+def _load_svhn(info, data_dir, *, download, augment):
+    train_tf, test_tf = _transforms(info, augment)
+    cls = tv_datasets.SVHN
+    # torchvision maps the label 10 (digit 0) to 0 itself.
+    train = _construct(info, data_dir, lambda root: cls(root, "train", train_tf, download=download))
+    test = _construct(info, data_dir, lambda root: cls(root, "test", test_tf, download=download))
+    return train, test, info
+
+
+def _load_stl10(info, data_dir, *, download, augment):
+    train_tf, test_tf = _transforms(info, augment)
+    cls = tv_datasets.STL10
+    # The paper trains on the 5000 labelled images only (no unlabeled split, no folds).
+    train = _construct(
+        info, data_dir, lambda root: cls(root, "train", transform=train_tf, download=download)
+    )
+    test = _construct(
+        info, data_dir, lambda root: cls(root, "test", transform=test_tf, download=download)
+    )
+    return train, test, info
+
+
+def _load_imagenet(info, data_dir, *, download, augment):
+    train_tf, test_tf = _transforms(info, augment)
+    root = info.root(data_dir)
+    splits = []
+    for split, transform in (("train", train_tf), ("val", test_tf)):
+        directory = root / split
+        if not directory.is_dir():
+            raise DatasetNotFoundError(info, directory, "directory missing")
+        try:
+            splits.append(tv_datasets.ImageFolder(str(directory), transform=transform))
+        except FileNotFoundError as error:
+            raise DatasetNotFoundError(info, directory, str(error)) from error
+    train, test = splits
+    if train.classes != test.classes:
+        missing = sorted(set(train.classes) ^ set(test.classes))
+        raise ValueError(
+            f"imagenet: {root / 'train'} and {root / 'val'} must hold the same class folders; "
+            f"these are in only one of them: {missing[:10]}"
+        )
+    info = dataclasses.replace(
+        info, num_classes=len(train.classes), train_size=len(train), test_size=len(test)
+    )
+    return train, test, info
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory datasets
+
+
+def _load_digits(info, data_dir, *, download, augment, seed=0):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # Pixel values are 0..16; scale to [0, 1] like ToTensor does for 8-bit images.
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    images = (images - info.mean[0]) / info.std[0]
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=info.test_size, stratify=digits.target, random_state=seed
+    )
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    train = TensorDataset(images[train_idx], labels[train_idx])
+    test = TensorDataset(images[test_idx], labels[test_idx])
+    return train, test, info
+
+
+def _load_synthetic(
+    info,
+    data_dir,
+    *,
+    download,
+    augment,
+    num_classes=10,
+    image_size=32,
+    in_channels=3,
+    size=512,
+    seed=0,
+):
+    if num_classes < 1 or image_size < 1 or in_channels < 1 or size < 1:
+        raise ValueError(
+            "synthetic: num_classes, image_size, in_channels and size must be >= 1, got "
+            f"{num_classes}, {image_size}, {in_channels}, {size}"
+        )
+    test_count = max(size // 4, num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (in_channels, image_size, image_size)
+    # One random prototype per class plus per-image noise: learnable, yet not trivially so.
+    prototypes = torch.rand((num_classes, *shape), generator=generator)
+
+    def split(count: int) -> TensorDataset:
+        labels = torch.arange(count) % num_classes
+        labels = labels[torch.randperm(count, generator=generator)]
+        noise = torch.rand((count, *shape), generator=generator)
+        images = 0.6 * prototypes[labels] + 0.4 * noise
+        return TensorDataset((images - info.mean[0]) / info.std[0], labels)
+
+    train, test = split(size), split(test_count)
+    info = dataclasses.replace(
+        info,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        mean=(info.mean[0],) * in_channels,
+        std=(info.std[0],) * in_channels,
+        train_size=size,
+        test_size=test_count,
+    )
+    return train, test, info
+
+
+def _cap(dataset: Dataset, limit: int | None, field_name: str) -> Dataset:
+    """A seeded random subset of ``limit`` samples (in index order), or the dataset itself."""
+    if limit is None:
+        return dataset
+    if limit < 1:
+        raise ValueError(f"{field_name} must be >= 1 or None, got {limit}")
+    total = len(dataset)
+    if limit >= total:
+        return dataset
+    # Fixed seed: the same cap gives the same samples in every run and every process.
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randperm(total, generator=generator)[:limit].sort().values
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(tensor[indices] for tensor in dataset.tensors))
+    return Subset(dataset, indices.tolist())
+
+
+_LOADERS = {
+    "cifar10": _load_cifar,
+    "cifar100": _load_cifar,
+    "fashion_mnist": _load_fashion_mnist,
+    "svhn": _load_svhn,
+    "stl10": _load_stl10,
+    "imagenet": _load_imagenet,
+    "digits": _load_digits,
+    "synthetic": _load_synthetic,
+}
+_LOADER_KWARGS: dict[str, tuple[str, ...]] = {
+    "digits": ("seed",),
+    "synthetic": ("num_classes", "image_size", "in_channels", "size", "seed"),
+}
