@@ -1,0 +1,45 @@
+# The README's two commands: `make run` and `make test`. Both build .venv when it is missing or
+# older than the dependency list, and do nothing slow otherwise.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run demo test lint format services bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch and torchvision come from this machine's local wheels (pip only; see README).
+	$(PY) -m pip install --quiet -e '.[service,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m jumpout demo
+
+demo: $(STAMP)
+	$(PY) -m jumpout demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# PostgreSQL and Redis on 127.0.0.1 for the integration tests; started only if not answering.
+services:
+	scripts/ensure-services.sh
+
+test: $(STAMP) services lint
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/layer.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache
