@@ -90,7 +90,7 @@ def measure(shape, device: torch.device, rounds: int) -> list[dict]:
         "x * 1.5": ScalarMultiply(),
     }
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for name, layer in candidates.items():  # warm-up
+    for layer in candidates.values():  # warm-up
         step_seconds(layer, input, grad, strict=False)
         input.grad = None
     for _ in range(rounds):
