@@ -1,0 +1,97 @@
+"""Bearer tokens: created once (printed, never stored), kept as sha256 hashes, revocable at once.
+
+Every request looks the token up by its hash, so revocation takes effect on the next request.
+Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import TokenError, Unauthorized
+from api.models import ApiToken, utcnow
+
+TOKEN_PREFIX = "jo_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a token (id, name) or the anonymous owner when auth is off."""
+
+    id: int | None
+    name: str | None
+    is_admin: bool = False
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.id is None
+
+
+ANONYMOUS = Principal(id=None, name=None, is_admin=False)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def generate_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def create_token(session: Session, *, name: str, is_admin: bool = False) -> tuple[ApiToken, str]:
+    """Store a new token under `name`; returns the row and the plaintext (shown once)."""
+    name = name.strip()
+    if not name or len(name) > 64:
+        raise TokenError("a token name must be 1 to 64 characters")
+    token = generate_token()
+    row = ApiToken(name=name, token_hash=hash_token(token), is_admin=is_admin)
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise TokenError(f"a token named {name!r} already exists") from None
+    return row, token
+
+
+def _find(session: Session, name_or_id: str) -> ApiToken | None:
+    row = session.scalars(select(ApiToken).where(ApiToken.name == name_or_id)).one_or_none()
+    if row is None and name_or_id.isdigit():
+        row = session.get(ApiToken, int(name_or_id))
+    return row
+
+
+def revoke_token(session: Session, *, name_or_id: str) -> ApiToken:
+    row = _find(session, name_or_id)
+    if row is None:
+        session.rollback()
+        raise TokenError(f"no token named {name_or_id!r} (or with that id)")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    session.commit()
+    return row
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    rows = list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
+    session.commit()
+    return rows
+
+
+def authenticate(session: Session, token: str) -> Principal:
+    """The principal for a presented bearer token; `Unauthorized` if unknown or revoked."""
+    digest = hash_token(token)
+    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).one_or_none()
+    session.commit()
+    # The lookup is by hash, so timing reveals nothing about the token; compare_digest anyway.
+    if row is None or not secrets.compare_digest(row.token_hash, digest):
+        raise Unauthorized("invalid API token")
+    if row.revoked_at is not None:
+        raise Unauthorized("this API token has been revoked")
+    return Principal(id=row.id, name=row.name, is_admin=row.is_admin)

@@ -1,0 +1,139 @@
+"""Engines, sessions and migrations.
+
+SQLite is the embedded default and is written by several processes (the API, the worker's
+supervisor, the trainer child): every connection runs in WAL mode with a 30 s busy timeout and
+foreign keys on, and every transaction starts with `BEGIN IMMEDIATE`, because in WAL mode a deferred
+transaction that later upgrades to a write fails at once with SQLITE_BUSY whatever the timeout.
+The service functions keep transactions short (each commits its own), so taking the write lock at
+BEGIN costs little.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.settings import get_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+# One engine per (url, process): pooled connections must never cross a fork.
+_engines: dict[tuple[str, int], Engine] = {}
+_sessionmakers: dict[tuple[str, int], sessionmaker[Session]] = {}
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Stop pysqlite from issuing its own (deferred) BEGIN; the "begin" hook below does it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """A new engine for `url` (default: settings.database_url), configured for this project."""
+    settings = get_settings()
+    url = url or settings.database_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_pre_ping=True,
+    )
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The shared engine of this process for `url` (default: settings.database_url)."""
+    key = (url or get_settings().database_url, os.getpid())
+    engine = _engines.get(key)
+    if engine is None:
+        engine = _engines[key] = make_engine(key[0])
+    return engine
+
+
+def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
+    key = (url or get_settings().database_url, os.getpid())
+    factory = _sessionmakers.get(key)
+    if factory is None:
+        # expire_on_commit=False: service functions commit and then return the objects they loaded.
+        factory = _sessionmakers[key] = sessionmaker(get_engine(key[0]), expire_on_commit=False)
+    return factory
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection of this process (tests; after a fork use a fresh process)."""
+    for (_, pid), engine in list(_engines.items()):
+        if pid == os.getpid():
+            engine.dispose()
+    _engines.clear()
+    _sessionmakers.clear()
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A session for scripts and the worker; rolled back on error, always closed."""
+    session = get_sessionmaker(url)()
+    try:
+        yield session
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def get_session() -> Iterator[Session]:
+    """FastAPI dependency: one session per request."""
+    with session_scope() as session:
+        yield session
+
+
+def alembic_config(url: str | None = None):
+    """An Alembic config for `migrations/`, independent of the working directory."""
+    from alembic.config import Config
+
+    ini = REPO_ROOT / "alembic.ini"
+    config = Config(str(ini)) if ini.exists() else Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option(
+        "sqlalchemy.url", (url or get_settings().database_url).replace("%", "%%")
+    )
+    return config
+
+
+def migrate(url: str | None = None, revision: str = "head") -> None:
+    """Upgrade the database to `revision`; run once before the services start (no lock)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)

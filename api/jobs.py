@@ -1,0 +1,555 @@
+"""Plain service functions over the store, used by the routes and by the worker.
+
+Every function takes the session first and keyword-only arguments after the ids, and commits its
+own short transaction (on SQLite each transaction holds the write lock, see `api.db`). State
+changes that can race (claim, cancel, finish, requeue) are conditional UPDATEs: the loser of a race
+sees no row changed and backs off, so a redelivered Celery message never runs a job twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from api.errors import (
+    CheckpointGone,
+    CheckpointNotFound,
+    ChecksumMismatch,
+    FieldError,
+    Forbidden,
+    InvalidRequest,
+    InvalidSpec,
+    JobFinished,
+    JobNotFound,
+    TooManyQueued,
+)
+from api.models import (
+    FINISHED_STATUSES,
+    ApiToken,
+    Checkpoint,
+    EpochMetric,
+    Job,
+    new_job_id,
+    utcnow,
+)
+from api.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+METRIC_FIELDS = (
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "lr",
+    "seconds",
+    "images_per_second",
+)
+
+
+# --- submitting and reading ------------------------------------------------------------------
+
+
+def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) -> Job:
+    """Resolve `spec` (dataset, architecture and overrides) with the recipe defaults and store a
+    queued job owned by `owner_id` (None: anonymous). The caller enqueues it after this commits.
+
+    The server, not the client, decides where data and outputs live and which device to use.
+    Raises `InvalidSpec` naming the field when the library refuses the spec, `TooManyQueued`
+    when the owner already has `max_queued_per_token` queued jobs.
+    """
+    from jumpout.recipes import ConfigError, resolve_config
+
+    settings = get_settings()
+    job_id = new_job_id()
+    overrides = {k: v for k, v in spec.items() if k not in ("dataset", "architecture")}
+    overrides.update(
+        data_dir=str(settings.data_dir),
+        out_dir=str(Path(settings.artifact_dir) / "jobs" / job_id),
+        device=settings.device,
+    )
+    try:
+        config = resolve_config(spec["dataset"], spec["architecture"], **overrides)
+    except ConfigError as exc:
+        field = str(getattr(exc, "field", None) or "spec")
+        message = str(getattr(exc, "message", None) or exc)
+        raise InvalidSpec(
+            f"invalid value for: {field}", fields=[FieldError(field, message)]
+        ) from None
+    except (ValueError, TypeError) as exc:
+        logger.warning("resolve_config refused a spec with a non-ConfigError: %r", exc)
+        raise InvalidSpec(
+            "the job spec was refused", fields=[FieldError("spec", str(exc))]
+        ) from None
+    resolved = json.loads(json.dumps(dataclasses.asdict(config)))
+
+    if owner_id is not None:
+        # Serialise submissions per token (row lock on PostgreSQL; SQLite's BEGIN IMMEDIATE
+        # already serialises writers) so the queued-job limit cannot be overrun by a race.
+        session.execute(select(ApiToken.id).where(ApiToken.id == owner_id).with_for_update())
+    queued = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner_id.is_(None) if owner_id is None else Job.owner_id == owner_id)
+        .where(Job.status == "queued")
+    )
+    limit = settings.max_queued_per_token
+    if queued >= limit:
+        session.rollback()
+        raise TooManyQueued(
+            f"this token already has {queued} queued jobs; the limit is {limit} "
+            "(max_queued_per_token): wait for some to start or cancel them"
+        )
+    job = Job(
+        id=job_id,
+        status="queued",
+        spec=resolved,
+        method=resolved["method"],
+        dataset=resolved["dataset"],
+        architecture=resolved["architecture"],
+        owner_id=owner_id,
+        attempt=0,
+        max_attempts=settings.max_attempts,
+        epochs=resolved["epochs"],
+        epoch=0,
+        device=resolved.get("device"),
+        cancel_requested=False,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.commit()
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    """The job with this id; raises `JobNotFound` (a `LookupError`) when there is none."""
+    job = session.get(Job, job_id, populate_existing=True)
+    session.commit()
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None or not isinstance(job_id, str):
+            raise ValueError
+        return when, job_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest(
+            "invalid cursor",
+            fields=[FieldError("cursor", "pass back the next_cursor of a previous page")],
+        ) from None
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None = None,
+    method: str | None = None,
+    dataset: str | None = None,
+    owner_id: int | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Jobs newest first, filtered; returns (page, next_cursor or None). Keyset pagination on
+    (created_at, id), so pages stay stable while jobs are being submitted."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    if status is not None:
+        query = query.where(Job.status == status)
+    if method is not None:
+        query = query.where(Job.method == method)
+    if dataset is not None:
+        query = query.where(Job.dataset == dataset)
+    if owner_id is not None:
+        query = query.where(Job.owner_id == owner_id)
+    if cursor:
+        created, last_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+        )
+    jobs = list(session.scalars(query.limit(limit + 1)).unique())
+    session.commit()
+    next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def list_metrics(session: Session, job_id: str) -> list[EpochMetric]:
+    get_job(session, job_id)
+    rows = list(
+        session.scalars(
+            select(EpochMetric).where(EpochMetric.job_id == job_id).order_by(EpochMetric.epoch)
+        )
+    )
+    session.commit()
+    return rows
+
+
+def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    get_job(session, job_id)
+    rows = list(
+        session.scalars(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(Checkpoint.epoch, Checkpoint.id)
+        )
+    )
+    session.commit()
+    return rows
+
+
+def get_checkpoint(session: Session, job_id: str, checkpoint_id: int) -> Checkpoint:
+    get_job(session, job_id)
+    row = session.get(Checkpoint, checkpoint_id)
+    session.commit()
+    if row is None or row.job_id != job_id:
+        raise CheckpointNotFound(f"job {job_id!r} has no checkpoint with id {checkpoint_id}")
+    return row
+
+
+# --- cancelling ------------------------------------------------------------------------------
+
+
+def request_cancel(session: Session, job_id: str, *, token) -> Job:
+    """Cancel a job on behalf of `token` (an `api.auth.Principal`, or anything with `id` and
+    `is_admin`; id None is the anonymous owner). A queued job is cancelled at once; a running
+    one is flagged and the worker stops it at its next check. Raises `JobNotFound`,
+    `Forbidden` (not the owner, not an admin) or `JobFinished` (409)."""
+    job = get_job(session, job_id)
+    if not token.is_admin and job.owner_id != token.id:
+        raise Forbidden("only the job's owner or an admin can cancel it")
+    now = utcnow()
+    cancelled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now)
+    ).rowcount
+    flagged = (
+        cancelled
+        or session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running")
+            .values(cancel_requested=True)
+        ).rowcount
+    )
+    session.commit()
+    job = get_job(session, job_id)
+    if not flagged:
+        raise JobFinished(f"job {job_id} has already finished ({job.status}); nothing to cancel")
+    return job
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    """True when the job should stop: cancel was requested, or it is no longer running here."""
+    row = session.execute(select(Job.cancel_requested).where(Job.id == job_id)).one_or_none()
+    session.commit()
+    return True if row is None else bool(row[0])
+
+
+# --- the worker's side -----------------------------------------------------------------------
+
+
+def claim_job(session: Session, job_id: str, *, worker: str) -> Job | None:
+    """Take a queued job: `queued -> running`, attempt + 1. None when it is not queued (someone
+    else has it, it was cancelled or it finished): the caller then exits quietly."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
+        .values(
+            status="running",
+            attempt=Job.attempt + 1,
+            worker=worker,
+            heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+    ).rowcount
+    session.commit()
+    if not claimed:
+        return None
+    return get_job(session, job_id)
+
+
+def heartbeat(session: Session, job_id: str, *, attempt: int) -> bool:
+    """Record that attempt `attempt` is alive. False when the job is no longer running under that
+    attempt (requeued by the reaper, finished, cancelled): the caller should stop."""
+    touched = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)
+        .values(heartbeat_at=utcnow())
+    ).rowcount
+    session.commit()
+    return bool(touched)
+
+
+def set_device(session: Session, job_id: str, *, device: str) -> None:
+    """Record the device the trainer actually uses (e.g. "cuda:0")."""
+    session.execute(update(Job).where(Job.id == job_id).values(device=device[:64]))
+    session.commit()
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _upsert(session: Session, model, values: dict[str, Any], keys: list[str], update_cols):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two supported backends
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    statement = insert(model).values(**values)
+    statement = statement.on_conflict_do_update(
+        index_elements=keys, set_={c: statement.excluded[c] for c in update_cols}
+    )
+    session.execute(statement)
+
+
+def record_epoch(session: Session, job_id: str, metrics: dict[str, Any]) -> None:
+    """Store one finished epoch's metrics (upsert on (job, epoch): a resumed run that repeats an
+    epoch replaces it) and refresh the job's progress and best/final accuracy."""
+    epoch = int(metrics["epoch"])
+    values: dict[str, Any] = {"job_id": job_id, "epoch": epoch, "created_at": utcnow()}
+    for name in METRIC_FIELDS:
+        values[name] = _finite(metrics.get(name))
+    values["layers"] = [
+        {
+            "name": str(layer.get("name")),
+            "active_fraction": _finite(layer.get("active_fraction")),
+            "rate": _finite(layer.get("rate")),
+        }
+        for layer in metrics.get("layers") or []
+    ]
+    _upsert(
+        session,
+        EpochMetric,
+        values,
+        ["job_id", "epoch"],
+        [*METRIC_FIELDS, "layers", "created_at"],
+    )
+    best = session.execute(
+        select(EpochMetric.epoch, EpochMetric.test_accuracy)
+        .where(EpochMetric.job_id == job_id, EpochMetric.test_accuracy.is_not(None))
+        .order_by(EpochMetric.test_accuracy.desc(), EpochMetric.epoch)
+        .limit(1)
+    ).one_or_none()
+    last = session.execute(
+        select(EpochMetric.epoch, EpochMetric.test_accuracy)
+        .where(EpochMetric.job_id == job_id)
+        .order_by(EpochMetric.epoch.desc())
+        .limit(1)
+    ).one()
+    mean_seconds = session.scalar(
+        select(func.avg(EpochMetric.seconds)).where(EpochMetric.job_id == job_id)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            epoch=last.epoch,
+            final_accuracy=last.test_accuracy,
+            best_accuracy=best.test_accuracy if best else None,
+            best_epoch=best.epoch if best else None,
+            epoch_seconds=float(mean_seconds) if mean_seconds is not None else None,
+        )
+    )
+    session.commit()
+
+
+def record_checkpoint(
+    session: Session,
+    job_id: str,
+    *,
+    path: str,
+    epoch: int,
+    sha256: str,
+    size_bytes: int,
+    is_best: bool,
+) -> Checkpoint:
+    """Record a checkpoint file the worker wrote (upsert on (job, path): a resumed run may
+    rewrite the same file). A new best clears the flag on the job's other checkpoints."""
+    path = str(path)
+    if is_best:
+        session.execute(
+            update(Checkpoint)
+            .where(Checkpoint.job_id == job_id, Checkpoint.path != path)
+            .values(is_best=False)
+        )
+    values = {
+        "job_id": job_id,
+        "path": path,
+        "epoch": int(epoch),
+        "sha256": sha256.lower(),
+        "size_bytes": int(size_bytes),
+        "is_best": bool(is_best),
+        "created_at": utcnow(),
+    }
+    _upsert(
+        session,
+        Checkpoint,
+        values,
+        ["job_id", "path"],
+        ["epoch", "sha256", "size_bytes", "is_best", "created_at"],
+    )
+    row = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.path == path)
+        .execution_options(populate_existing=True)
+    ).one()
+    session.commit()
+    return row
+
+
+def forget_checkpoint(session: Session, job_id: str, *, path: str) -> None:
+    """The worker deleted this file (keep-last-N pruning)."""
+    session.execute(
+        delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.path == str(path))
+    )
+    session.commit()
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    *,
+    status: str,
+    error: str | None = None,
+    attempt: int | None = None,
+) -> bool:
+    """Move a running job to `status` ("succeeded", "failed" or "cancelled") and stamp
+    finished_at. Conditional: only from running (and, for "cancelled", from queued). With
+    `attempt`, only if that attempt still owns the job. True when this call changed the row."""
+    if status not in FINISHED_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(FINISHED_STATUSES)}, not {status!r}")
+    allowed = ("running", "queued") if status == "cancelled" else ("running",)
+    query = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
+    if attempt is not None:
+        query = query.where(Job.attempt == attempt)
+    changed = session.execute(
+        query.values(status=status, error=error, finished_at=utcnow())
+    ).rowcount
+    session.commit()
+    return bool(changed)
+
+
+def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int) -> list[str]:
+    """Running jobs whose heartbeat is older than `timeout_s` lost their worker: put them back
+    to queued (attempt unchanged; the next claim adds one) and return their ids for the caller to
+    enqueue. A job that already used `max_attempts` attempts fails instead, and one whose cancel
+    was requested is cancelled."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=timeout_s)
+    stale = session.execute(
+        select(Job.id, Job.attempt, Job.cancel_requested, Job.heartbeat_at).where(
+            Job.status == "running",
+            or_(
+                Job.heartbeat_at < cutoff, and_(Job.heartbeat_at.is_(None), Job.started_at < cutoff)
+            ),
+        )
+    ).all()
+    requeued: list[str] = []
+    for job_id, attempt, cancel, beat in stale:
+        # Conditional on the heartbeat we saw: a worker that wakes up in between keeps its job.
+        guard = update(Job).where(
+            Job.id == job_id,
+            Job.status == "running",
+            Job.attempt == attempt,
+            Job.heartbeat_at.is_(None) if beat is None else Job.heartbeat_at == beat,
+        )
+        if cancel:
+            values = {"status": "cancelled", "finished_at": now, "error": None}
+        elif attempt >= max_attempts:
+            values = {
+                "status": "failed",
+                "finished_at": now,
+                "error": f"worker lost {attempt} times (heartbeat timeout)",
+            }
+        else:
+            values = {"status": "queued", "worker": None, "heartbeat_at": None}
+        changed = session.execute(guard.values(**values)).rowcount
+        if changed and values["status"] == "queued":
+            requeued.append(job_id)
+    session.commit()
+    return requeued
+
+
+def queued_job_ids(session: Session) -> list[str]:
+    """Every queued job, oldest first (for a reconciler that re-enqueues after a broker outage)."""
+    ids = list(
+        session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.created_at))
+    )
+    session.commit()
+    return ids
+
+
+# --- checkpoint files ------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint_file(checkpoint: Checkpoint) -> Path:
+    """The checkpoint's file, after checking it is there and matches its recorded size and
+    sha256. Raises `CheckpointGone` (missing) or `ChecksumMismatch` (changed or corrupted).
+    Call it outside a transaction: hashing a large file must not hold the SQLite write lock."""
+    path = Path(checkpoint.path)
+    if not path.is_file():
+        raise CheckpointGone(
+            f"the file of checkpoint {checkpoint.id} (epoch {checkpoint.epoch}) no longer exists"
+        )
+    if path.stat().st_size != checkpoint.size_bytes or file_sha256(path) != checkpoint.sha256:
+        raise ChecksumMismatch(
+            f"the file of checkpoint {checkpoint.id} (epoch {checkpoint.epoch}) does not match "
+            "its recorded sha256: it is corrupted or was replaced; it will not be served"
+        )
+    return path
+
+
+def newest_valid_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    """The newest checkpoint of the job whose file exists and matches its sha256 (for resuming);
+    None when there is none. Corrupted files are skipped (and logged), not deleted."""
+    rows = list(
+        session.scalars(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(Checkpoint.epoch.desc(), Checkpoint.created_at.desc(), Checkpoint.id.desc())
+        )
+    )
+    session.commit()
+    for row in rows:
+        try:
+            verify_checkpoint_file(row)
+        except (CheckpointGone, ChecksumMismatch) as exc:
+            logger.warning("skipping checkpoint %s of job %s: %s", row.id, job_id, exc.message)
+            continue
+        return row
+    return None

@@ -1,0 +1,39 @@
+"""`/v1/health`: is the service able to take and run jobs?
+
+`workers` counts the Celery workers that answer a broadcast ping within
+`settings.health_ping_timeout` (0.5 s): exact, and it needs no extra state in the database, at the
+price of that wait on every call. DB and broker decide the status code; zero workers is still 200
+(jobs queue up until one starts).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api import broker
+from api.deps import SessionDep
+from api.schemas import Health
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["health"])
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+def health(session: SessionDep):
+    try:
+        session.execute(text("SELECT 1"))
+        session.commit()
+        database = "ok"
+    except Exception as exc:
+        logger.warning("database health check failed: %s", exc)
+        database = "unavailable"
+    broker_ok = broker.broker_ping()
+    workers = broker.count_workers() if broker_ok else 0
+    body = Health(database=database, broker="ok" if broker_ok else "unavailable", workers=workers)
+    ok = database == "ok" and broker_ok
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

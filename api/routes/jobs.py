@@ -1,0 +1,88 @@
+"""`/v1/jobs`: submit, read, list, cancel; metrics and checkpoints of a job."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import FileResponse
+
+from api import broker, jobs
+from api.deps import SessionDep, TokenDep
+from api.schemas import (
+    CheckpointRead,
+    CheckpointsPage,
+    EpochMetricRead,
+    JobCreate,
+    JobRead,
+    JobsPage,
+    JobStatus,
+    Method,
+    MetricsPage,
+)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRead)
+def submit_job(body: JobCreate, session: SessionDep, token: TokenDep, response: Response):
+    job = jobs.create_job(session, spec=body.model_dump(exclude_unset=True), owner_id=token.id)
+    # The row is committed first; if the broker is down the job stays queued for a reconciler.
+    broker.try_enqueue(job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobRead.from_job(job)
+
+
+@router.get("", response_model=JobsPage)
+def list_jobs(
+    session: SessionDep,
+    _token: TokenDep,
+    status: JobStatus | None = None,
+    method: Method | None = None,
+    dataset: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+):
+    page, next_cursor = jobs.list_jobs(
+        session, status=status, method=method, dataset=dataset, limit=limit, cursor=cursor
+    )
+    return JobsPage(items=[JobRead.from_job(job) for job in page], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobRead)
+def read_job(job_id: str, session: SessionDep, _token: TokenDep):
+    return JobRead.from_job(jobs.get_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+def cancel_job(job_id: str, session: SessionDep, token: TokenDep):
+    return JobRead.from_job(jobs.request_cancel(session, job_id, token=token))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPage)
+def read_metrics(job_id: str, session: SessionDep, _token: TokenDep):
+    rows = jobs.list_metrics(session, job_id)
+    return MetricsPage(items=[EpochMetricRead.model_validate(row) for row in rows])
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPage)
+def read_checkpoints(job_id: str, session: SessionDep, _token: TokenDep):
+    rows = jobs.list_checkpoints(session, job_id)
+    return CheckpointsPage(items=[CheckpointRead.model_validate(row) for row in rows])
+
+
+@router.get(
+    "/{job_id}/checkpoints/{checkpoint_id}/file",
+    response_class=FileResponse,
+    responses={409: {"description": "file corrupted"}, 410: {"description": "file missing"}},
+)
+def download_checkpoint(job_id: str, checkpoint_id: int, session: SessionDep, _token: TokenDep):
+    checkpoint = jobs.get_checkpoint(session, job_id, checkpoint_id)
+    # The path comes from the database record only; it is checked against its sha256 first.
+    path = jobs.verify_checkpoint_file(checkpoint)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{job_id}-epoch{checkpoint.epoch:04d}.pt",
+        headers={"X-Checksum-SHA256": checkpoint.sha256, "ETag": f'"{checkpoint.sha256}"'},
+    )

@@ -1,0 +1,72 @@
+"""The one settings object of the service, read from `JUMPOUT_*` environment variables.
+
+Paths default to places under `home` (`./var`), so an unconfigured checkout keeps everything in one
+directory; the SQLite database and the embedded Redis are the defaults, PostgreSQL and a real Redis
+are one variable away (`JUMPOUT_DATABASE_URL`, `JUMPOUT_BROKER_URL`).
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JUMPOUT_", extra="ignore")
+
+    home: Path = Path("./var")
+    database_url: str = ""  # default: sqlite:///{home}/jumpout.db
+    broker_url: str = ""  # default: the embedded Redis, redis://127.0.0.1:{redis_port}/0
+    redis_port: int = Field(6390, ge=1, le=65535)
+    artifact_dir: Path | None = None  # default: {home}/artifacts
+    data_dir: Path | None = None  # default: {home}/data
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # False for the embedded, loopback-only default; the compose deployment sets it True.
+    auth_required: bool = False
+
+    heartbeat_interval: float = Field(5.0, gt=0)
+    heartbeat_timeout: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    reaper_interval: float = Field(10.0, gt=0)
+    cancel_grace: float = Field(30.0, ge=0)
+    # Redis redelivers unacknowledged messages after this; it must exceed the longest job.
+    visibility_timeout: float = Field(7 * 24 * 3600.0, gt=0)
+
+    max_epochs: int = Field(1000, ge=1)
+    max_batch_size: int = Field(4096, ge=1)
+    max_queued_per_token: int = Field(100, ge=1)
+    max_request_bytes: int = Field(64 * 1024, ge=1024)
+
+    device: str = "auto"
+    worker_name: str = Field(default_factory=socket.gethostname)
+
+    # Sync routes run in Starlette's thread pool (40 threads); pool_size + max_overflow must
+    # exceed it or requests can deadlock waiting for a connection (fastapi #3205).
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(40, ge=0)
+    # How long /v1/health waits for Celery workers to answer a ping.
+    health_ping_timeout: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'jumpout.db'}"
+        if not self.broker_url:
+            self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.artifact_dir is None:
+            self.artifact_dir = self.home / "artifacts"
+        if self.data_dir is None:
+            self.data_dir = self.home / "data"
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests call `get_settings.cache_clear()` after changing env."""
+    return Settings()

@@ -1,0 +1,38 @@
+"""The Alembic migrations build exactly the models' schema, and go down and up again."""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from api import db
+from api.models import Base
+
+
+def test_migrated_schema_matches_the_models(settings):
+    with db.get_engine().connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+        assert context.get_current_revision() == "0001"
+
+
+def test_downgrade_to_base_and_upgrade_again(settings):
+    config = db.alembic_config()
+    command.downgrade(config, "base")
+    db.dispose_engines()
+    assert set(inspect(db.get_engine()).get_table_names()) <= {"alembic_version"}
+    db.dispose_engines()
+    db.migrate()
+    names = set(inspect(db.get_engine()).get_table_names())
+    assert {"jobs", "epoch_metrics", "checkpoints", "api_tokens"} <= names
+
+
+def test_sqlite_connections_use_wal_and_foreign_keys(settings):
+    if not settings.database_url.startswith("sqlite"):
+        return
+    with db.get_engine().connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
