@@ -134,8 +134,12 @@ def _field_message(error: dict[str, Any], accepted_fields: list[str] | None) -> 
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):
             message = message[len(prefix) :]
-    if kind in ("finite_number",):
-        message = "must be a finite number (not NaN or infinity)"
+    if kind == "finite_number":
+        return "must be a finite number (not NaN or infinity)"
+    value = error.get("input")
+    if kind != "value_error" and isinstance(value, str | int | float | bool):
+        shown = repr(value)
+        message += f" (got {shown if len(shown) <= 40 else shown[:40] + '...'})"
     return message
 
 
@@ -145,6 +149,9 @@ def validation_error_response(errors: list[dict[str, Any]], accepted_fields: lis
     if json_errors:
         ctx = json_errors[0].get("ctx") or {}
         detail = ctx.get("error", "")
+        loc = json_errors[0].get("loc") or ()
+        if len(loc) > 1 and isinstance(loc[1], int):
+            detail = f"{detail} at character {loc[1]}"
         return 400, error_body(
             "malformed_json",
             f"the request body is not valid JSON: {detail}".rstrip(": "),
@@ -155,7 +162,10 @@ def validation_error_response(errors: list[dict[str, Any]], accepted_fields: lis
         for e in errors
     ]
     names = ", ".join(dict.fromkeys(f.field for f in fields))
-    return 422, error_body("invalid_request", f"invalid value for: {names}", fields)
+    in_body = all(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors)
+    # A refused job spec has the same code whether pydantic or the library's recipes refused it.
+    code = InvalidSpec.code if in_body else InvalidRequest.code
+    return 422, error_body(code, f"invalid value for: {names}", fields)
 
 
 def install_error_handlers(app, *, accepted_fields: list[str] | None = None) -> None:

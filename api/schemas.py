@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from api.settings import get_settings
 
@@ -122,11 +122,13 @@ class JobCreate(BaseModel):
             raise ValueError(f"each milestone must be an epoch between 1 and {limit}")
         return value
 
-    @model_validator(mode="after")
-    def _ordered_rates(self) -> JobCreate:
-        if self.p_min is not None and self.p_max is not None and self.p_min >= self.p_max:
-            raise ValueError("p_min must be below p_max")
-        return self
+    @field_validator("p_max")
+    @classmethod
+    def _above_p_min(cls, value: float | None, info: ValidationInfo) -> float | None:
+        p_min = info.data.get("p_min")
+        if value is not None and p_min is not None and p_min >= value:
+            raise ValueError(f"must be above p_min ({p_min:g})")
+        return value
 
     def overrides(self) -> dict[str, Any]:
         """The fields the client set, minus the pair itself: what goes to resolve_config."""
