@@ -1,0 +1,400 @@
+"""Command line: ``python -m jumpout {demo,train,ablation}``.
+
+* ``demo``: trains the mlp on the offline digits set with dropout and with jumpout on the CPU and
+  prints both test accuracies side by side (well under a minute).
+* ``train``: one run of any (dataset, architecture, method) with the recipe's defaults, every value
+  overridable, a live progress bar, checkpoints in ``--out`` and ``--resume`` from the newest one.
+* ``ablation``: the eight rows of the paper's Table 1 with the same seed, printed as that table.
+
+A bad option value or missing dataset files print one line naming the field or files and exit
+with status 2 (no traceback). Ctrl-C (or SIGTERM) during ``train`` stops cooperatively after
+writing a checkpoint; a second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from jumpout.recipes import ConfigError, TrainConfig, resolve_config
+
+__all__ = ["main", "build_parser"]
+
+# Table 1 of the paper (test accuracy %), per (dataset, architecture) column.
+_PAPER_TABLE1: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
+    ("cifar10", "cnn_small"): (
+        "CIFAR10(s)",
+        {
+            "dropout": 86.50,
+            "dropout+I": 87.56,
+            "dropout+I+II": 90.06,
+            "dropout+II": 87.14,
+            "dropout+II+III": 89.64,
+            "dropout+III": 87.70,
+            "dropout+I+III": 87.36,
+            "jumpout": 90.24,
+        },
+    ),
+    ("cifar10", "wrn_28_10"): (
+        "CIFAR10",
+        {
+            "dropout": 95.23,
+            "dropout+I": 96.06,
+            "dropout+I+II": 96.35,
+            "dropout+II": 95.67,
+            "dropout+II+III": 96.74,
+            "dropout+III": 96.20,
+            "dropout+I+III": 96.45,
+            "jumpout": 96.82,
+        },
+    ),
+    ("cifar100", "wrn_28_10"): (
+        "CIFAR100",
+        {
+            "dropout": 79.41,
+            "dropout+I": 79.89,
+            "dropout+I+II": 81.70,
+            "dropout+II": 80.24,
+            "dropout+II+III": 80.61,
+            "dropout+III": 80.59,
+            "dropout+I+III": 81.20,
+            "jumpout": 82.48,
+        },
+    ),
+    ("stl10", "wrn_16_8"): (
+        "STL10",
+        {
+            "dropout": 81.37,
+            "dropout+I": 81.76,
+            "dropout+I+II": 82.09,
+            "dropout+II": 81.94,
+            "dropout+II+III": 82.22,
+            "dropout+III": 81.69,
+            "dropout+I+III": 82.18,
+            "jumpout": 84.02,
+        },
+    ),
+}
+
+
+class _UsageError(Exception):
+    """A command-line value that is wrong before any config exists."""
+
+
+def _milestones(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"milestones must be comma-separated epochs like 60,120,160, got {text!r}"
+        ) from None
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *, method: bool = True) -> None:
+    """Options shared by ``train`` and ``ablation``; unset ones keep the recipe's value."""
+    parser.add_argument("--dataset", required=True, help="dataset name (see list in errors)")
+    parser.add_argument("--architecture", "--arch", required=True, help="model name")
+    if method:
+        parser.add_argument("--method", choices=("none", "dropout", "jumpout"))
+        parser.add_argument("--ablation", help="a Table-1 row, e.g. dropout+I+II")
+    group = parser.add_argument_group("regularisation")
+    group.add_argument("--sigma", type=float)
+    group.add_argument("--p-min", dest="p_min", type=float)
+    group.add_argument("--p-max", dest="p_max", type=float)
+    group.add_argument("--dropout-rate", "--rate", dest="dropout_rate", type=float)
+    group = parser.add_argument_group("optimisation (defaults: the recipe)")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", dest="batch_size", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--momentum", type=float)
+    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--weight-decay", dest="weight_decay", type=float)
+    group.add_argument("--schedule", choices=("step", "cosine", "constant", "step_momentum"))
+    group.add_argument("--milestones", type=_milestones, help="comma-separated epochs")
+    group.add_argument("--gamma", type=float)
+    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--seed", type=int)
+    group = parser.add_argument_group("data, output and device")
+    group.add_argument("--data-dir", dest="data_dir", default="data")
+    group.add_argument("--out", dest="out_dir", help="directory for checkpoints")
+    group.add_argument("--download", action="store_true", help="let torchvision fetch the data")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    group.add_argument("--num-workers", dest="num_workers", type=int)
+    group.add_argument("--keep-last", dest="keep_last", type=int)
+    group.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--train-size", dest="train_size", type=int, help="cap (smoke tests)")
+    group.add_argument("--test-size", dest="test_size", type=int, help="cap (smoke tests)")
+
+
+_NOT_CONFIG = {"command", "dataset", "architecture", "download", "resume", "func"}
+
+
+def _config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in _NOT_CONFIG and value is not None
+    }
+    overrides.update(extra)
+    return resolve_config(args.dataset, args.architecture, **overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jumpout",
+        description="Jumpout: improved dropout for ReLU networks (train, compare, ablate).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="dropout vs jumpout on the offline digits set, on the CPU (< 1 min)"
+    )
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
+    train = commands.add_parser("train", help="train one model with a recipe")
+    _add_run_options(train)
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.set_defaults(func=_train)
+
+    ablation = commands.add_parser("ablation", help="the eight Table-1 variants, same seed")
+    _add_run_options(ablation, method=False)
+    ablation.set_defaults(func=_ablation)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+
+
+class _Progress:
+    """A tqdm bar over all steps of a run: epoch, step, running loss, last test accuracy, ETA."""
+
+    def __init__(self, config: TrainConfig, label: str = "", *, verbose: bool = True) -> None:
+        self.config = config
+        self.label = label
+        self.verbose = verbose
+        self.bar = None
+        self.last_accuracy: float | None = None
+        self.stop_requested = False
+
+    def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=self.config.epochs * steps,
+                initial=(epoch - 1) * steps + step - 1,
+                desc=self.label,
+                unit="step",
+                dynamic_ncols=True,
+                leave=self.verbose,
+                file=sys.stderr,
+            )
+        self.bar.set_description(
+            f"{self.label}epoch {epoch}/{self.config.epochs} step {step}/{steps}", refresh=False
+        )
+        if loss is not None:
+            postfix = {"loss": f"{loss:.4f}"}
+            if self.last_accuracy is not None:
+                postfix["test_acc"] = f"{100 * self.last_accuracy:.2f}%"
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def on_epoch_end(self, metrics: dict) -> None:
+        self.last_accuracy = metrics["test_accuracy"]
+        if self.verbose:
+            train_accuracy = 100 * metrics["train_accuracy"]
+            test_accuracy = 100 * metrics["test_accuracy"]
+            line = (
+                f"epoch {metrics['epoch']:>3}/{self.config.epochs}  "
+                f"train loss {metrics['train_loss']:.4f} acc {train_accuracy:6.2f}%"
+                f"  test loss {metrics['test_loss']:.4f} acc {test_accuracy:6.2f}%"
+                f"  lr {metrics['lr']:.4g}  {metrics['seconds']:.1f}s"
+                f" ({metrics['images_per_second']:.0f} img/s)"
+            )
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr)
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jumpout.engine import fit
+
+    print(
+        f"Training the mlp on scikit-learn's digits for {args.epochs} epochs on the CPU, "
+        "once with dropout and once with jumpout (same seed).",
+        file=sys.stderr,
+    )
+    results = {}
+    for method in ("dropout", "jumpout"):
+        config = resolve_config(
+            "digits", "mlp", method=method, epochs=args.epochs, seed=args.seed, device="cpu"
+        )
+        progress = _Progress(config, f"{method:>7} ", verbose=False)
+        started = time.perf_counter()
+        try:
+            result = fit(config, progress)
+        finally:
+            progress.close()
+        results[method] = (result, time.perf_counter() - started)
+    print()
+    print("| method  | final test acc % | best test acc % | seconds |")
+    print("|---------|-----------------:|----------------:|--------:|")
+    for method, (result, seconds) in results.items():
+        print(
+            f"| {method:<7} | {_percent(result.final_accuracy):>16} | "
+            f"{_percent(result.best_accuracy):>15} | {seconds:>7.1f} |"
+        )
+    return 0
+
+
+def _prepare_data(config: TrainConfig, download: bool) -> None:
+    """Fail early (and fetch, if asked) before a model is built."""
+    from jumpout.data import load_dataset
+
+    load_dataset(
+        config.dataset,
+        config.data_dir or ".",
+        download=download,
+        augment=False,
+        train_size=config.train_size,
+        test_size=config.test_size,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jumpout.engine import find_resumable_checkpoint, fit, resolve_device
+
+    config = _config_from_args(args)
+    device = resolve_device(config.device)
+    resume_from = None
+    if args.resume:
+        if not config.out_dir:
+            raise ConfigError("out_dir", "--resume needs --out, the directory of the checkpoints")
+        resume_from = find_resumable_checkpoint(config.out_dir)
+        if resume_from is None:
+            print(f"no checkpoint to resume in {config.out_dir}; starting afresh", file=sys.stderr)
+        else:
+            print(f"resuming from {resume_from}", file=sys.stderr)
+    _prepare_data(config, args.download)
+
+    method = config.method if config.ablation is None else f"jumpout ({config.ablation})"
+    print(
+        f"{config.architecture} on {config.dataset} with {method}: {config.epochs} epochs, "
+        f"batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), device {device}",
+        file=sys.stderr,
+    )
+    progress = _Progress(config)
+    previous = {}
+
+    def request_stop(signum, frame):
+        progress.stop_requested = True
+        # A second signal aborts at once.
+        signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+        print("\nstopping after a checkpoint (again to abort)...", file=sys.stderr)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, request_stop)
+    started = time.perf_counter()
+    try:
+        result = fit(config, progress, resume_from=resume_from)
+    finally:
+        progress.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    elapsed = time.perf_counter() - started
+
+    status = "stopped early" if result.stopped else "finished"
+    print(
+        f"{status}: {result.epochs_completed}/{config.epochs} epochs in {elapsed:.1f}s; "
+        f"final test accuracy {_percent(result.final_accuracy)}%, "
+        f"best {_percent(result.best_accuracy)}% (epoch {result.best_epoch})"
+    )
+    if result.last_checkpoint:
+        print(f"last checkpoint: {result.last_checkpoint}")
+    return 0
+
+
+def _ablation(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jumpout.engine import fit
+    from jumpout.layer import list_ablations
+
+    rows = list_ablations()
+    base = _config_from_args(args, ablation=rows[0], out_dir=None)
+    _prepare_data(base, args.download)
+    paper_column = _PAPER_TABLE1.get((base.dataset, base.architecture))
+    print(
+        f"Table-1 ablation: {base.architecture} on {base.dataset}, {base.epochs} epochs, "
+        f"seed {base.seed}, {len(rows)} variants",
+        file=sys.stderr,
+    )
+    results = []
+    for row in rows:
+        out_dir = str(Path(args.out_dir) / row) if args.out_dir else None
+        config = _config_from_args(args, ablation=row, out_dir=out_dir)
+        progress = _Progress(config, f"{row:<15} ", verbose=False)
+        try:
+            result = fit(config, progress)
+        finally:
+            progress.close()
+        results.append((row, result))
+
+    header = "| variant | final test acc % | best test acc % |"
+    rule = "|---|---:|---:|"
+    if paper_column:
+        header += f" paper ({paper_column[0]}) |"
+        rule += "---:|"
+    print()
+    print(header)
+    print(rule)
+    for row, result in results:
+        line = f"| {row} | {_percent(result.final_accuracy)} | {_percent(result.best_accuracy)} |"
+        if paper_column:
+            line += f" {paper_column[1].get(row, float('nan')):.2f} |"
+        print(line)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m jumpout`` and the ``jumpout`` script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from jumpout.data import DatasetNotFoundError
+    from jumpout.engine import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
