@@ -62,7 +62,7 @@ def create_token(session: Session, *, name: str, is_admin: bool = False) -> tupl
 
 def _find(session: Session, name_or_id: str) -> ApiToken | None:
     row = session.scalars(select(ApiToken).where(ApiToken.name == name_or_id)).one_or_none()
-    if row is None and name_or_id.isdigit():
+    if row is None and name_or_id.isdigit() and len(name_or_id) <= 9:
         row = session.get(ApiToken, int(name_or_id))
     return row
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from api.models import (
 from api.settings import get_settings
 
 logger = logging.getLogger(__name__)
+
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 METRIC_FIELDS = (
     "train_loss",
@@ -132,8 +135,16 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
     return job
 
 
+def _is_job_id(value: str) -> bool:
+    # Job ids are uuid4 hex; anything else (a NUL byte, a 5 kB string) is unknown without a query.
+    return isinstance(value, str) and JOB_ID_PATTERN.fullmatch(value) is not None
+
+
 def get_job(session: Session, job_id: str) -> Job:
     """The job with this id; raises `JobNotFound` (a `LookupError`) when there is none."""
+    if not _is_job_id(job_id):
+        session.commit()
+        raise JobNotFound(job_id[:64])
     job = session.get(Job, job_id, populate_existing=True)
     session.commit()
     if job is None:
@@ -151,7 +162,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
         when = datetime.fromisoformat(created)
-        if when.tzinfo is None or not isinstance(job_id, str):
+        if when.tzinfo is None or not _is_job_id(job_id):
             raise ValueError
         return when, job_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 from fastapi.responses import FileResponse
 
 from api import broker, jobs
@@ -39,9 +39,9 @@ def list_jobs(
     _token: TokenDep,
     status: JobStatus | None = None,
     method: Method | None = None,
-    dataset: Annotated[str | None, Query(max_length=64)] = None,
+    dataset: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_.+-]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$")] = None,
 ):
     page, next_cursor = jobs.list_jobs(
         session, status=status, method=method, dataset=dataset, limit=limit, cursor=cursor
@@ -76,7 +76,12 @@ def read_checkpoints(job_id: str, session: SessionDep, _token: TokenDep):
     response_class=FileResponse,
     responses={409: {"description": "file corrupted"}, 410: {"description": "file missing"}},
 )
-def download_checkpoint(job_id: str, checkpoint_id: int, session: SessionDep, _token: TokenDep):
+def download_checkpoint(
+    job_id: str,
+    checkpoint_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    session: SessionDep,
+    _token: TokenDep,
+):
     checkpoint = jobs.get_checkpoint(session, job_id, checkpoint_id)
     # The path comes from the database record only; it is checked against its sha256 first.
     path = jobs.verify_checkpoint_file(checkpoint)

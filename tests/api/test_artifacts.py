@@ -115,6 +115,9 @@ def test_checkpoints_are_addressed_by_job_and_id_only(client, session, make_job,
     checkpoint = record(session, job_id, path, sha, content, epoch=1)
     assert client.get(f"/v1/jobs/{other}/checkpoints/{checkpoint.id}/file").status_code == 404
     assert client.get(f"/v1/jobs/{job_id}/checkpoints/999/file").status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints/{2**31 - 1}/file").status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints/{2**31}/file").status_code == 422
+    assert client.get(f"/v1/jobs/{'x' * 5000}").status_code == 404
     response = client.get(f"/v1/jobs/{job_id}/checkpoints/..%2F..%2Fetc%2Fpasswd/file")
     assert response.status_code in (404, 422)
 

@@ -30,3 +30,13 @@ def test_health_503_when_the_broker_is_down(client, configure):
 def test_health_needs_no_token(client, configure):
     configure(auth_required=True, health_ping_timeout=0.2)
     assert client.get("/v1/health").status_code == 200
+
+
+def test_health_503_when_the_database_is_down(client, configure):
+    configure(
+        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/test",
+        health_ping_timeout=0.2,
+    )
+    response = client.get("/v1/health")
+    assert response.status_code == 503
+    assert response.json()["database"] == "unavailable"

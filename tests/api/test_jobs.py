@@ -145,6 +145,8 @@ def test_unknown_job_is_404_in_the_uniform_shape(client):
         response = client.get(path)
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "job_not_found"
+    assert client.get("/v1/jobs/%00").status_code == 404
+    assert client.get("/v1/jobs/" + "a" * 5000).status_code == 404
     response = client.post("/v1/jobs/nope/cancel")
     assert response.status_code == 404
     assert client.get("/v1/nowhere").json()["error"]["code"] == "not_found"
@@ -191,6 +193,8 @@ def test_list_is_newest_first_with_filters_and_an_opaque_cursor(client, session,
         ({"status": "done"}, "status"),
         ({"cursor": "not-a-cursor"}, "cursor"),
         ({"cursor": "W10"}, "cursor"),
+        ({"cursor": "WyIyMDI2LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiwgIlx1MDAwMCJd"}, "cursor"),
+        ({"dataset": "\x00"}, "dataset"),
     ],
 )
 def test_bad_list_parameters_are_422(client, params, field):
