@@ -96,6 +96,11 @@ class TooManyQueued(ApiError):
     code = "too_many_queued_jobs"
 
 
+class ServerMisconfigured(ApiError):
+    status_code = 500
+    code = "server_misconfigured"
+
+
 class TokenError(ApiError):
     """A token-management error (the CLI prints these)."""
 

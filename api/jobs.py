@@ -33,6 +33,7 @@ from api.errors import (
     InvalidSpec,
     JobFinished,
     JobNotFound,
+    ServerMisconfigured,
     TooManyQueued,
 )
 from api.models import (
@@ -47,6 +48,9 @@ from api.models import (
 from api.settings import get_settings
 
 logger = logging.getLogger(__name__)
+
+# Fields of the resolved spec that the server decides, never the client.
+SERVER_FIELDS = ("data_dir", "out_dir", "device")
 
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
@@ -77,7 +81,7 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
     settings = get_settings()
     job_id = new_job_id()
     overrides = {k: v for k, v in spec.items() if k not in ("dataset", "architecture")}
-    overrides.update(
+    overrides.update(  # SERVER_FIELDS
         data_dir=str(settings.data_dir),
         out_dir=str(Path(settings.artifact_dir) / "jobs" / job_id),
         device=settings.device,
@@ -87,6 +91,12 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
     except ConfigError as exc:
         field = str(getattr(exc, "field", None) or "spec")
         message = str(getattr(exc, "message", None) or exc)
+        if field in SERVER_FIELDS:
+            # Not the client's fault: a JUMPOUT_* setting the library refuses.
+            logger.error("the %s setting is refused by the library: %s", field, message)
+            raise ServerMisconfigured(
+                f"the server's {field} setting is invalid: {message}"
+            ) from None
         raise InvalidSpec(
             f"invalid value for: {field}", fields=[FieldError(field, message)]
         ) from None

@@ -247,3 +247,11 @@ def test_openapi_schema_is_served(client):
     schema = client.get("/openapi.json").json()
     assert "/v1/jobs" in schema["paths"]
     assert json.dumps(schema)
+
+
+def test_a_bad_server_setting_is_not_blamed_on_the_client(client, configure):
+    configure(device="tpu")
+    response = client.post("/v1/jobs", json=SPEC)
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "server_misconfigured"
+    assert "device" in response.json()["error"]["message"]
