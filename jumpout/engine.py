@@ -391,7 +391,9 @@ def augment_on_device(
 
 
 def _stack_dataset(dataset: Any, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1024, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=1024, num_workers=num_workers, generator=torch.Generator()
+    )
     xs, ys = [], []
     for x, y in loader:
         xs.append(x)
@@ -418,11 +420,16 @@ class _Data:
         return len(self.train_x) if self.resident else len(self.train_set)
 
 
+def _keep_data_on_device(device: torch.device) -> bool:
+    """Whether small datasets live on ``device`` as tensors (a seam for CPU tests of that path)."""
+    return device.type == "cuda"
+
+
 def _load_data(config: TrainConfig, device: torch.device) -> _Data:
     from jumpout.data import load_dataset
 
     policy = _DEVICE_RESIDENT_AUGMENT.get(config.dataset)
-    resident = device.type == "cuda" and policy is not None
+    resident = _keep_data_on_device(device) and policy is not None
     train_set, test_set, info = load_dataset(
         config.dataset,
         config.data_dir or ".",

@@ -285,6 +285,27 @@ def test_augment_on_device_crops_and_flips():
     assert torch.equal(same, images)
 
 
+def test_device_resident_path_matches_loader_path(monkeypatch):
+    """The GPU path (data kept as tensors) exercised on the CPU: without augmentation it sees the
+    same batches in the same order as the DataLoader path, so the weights are identical."""
+    loader_run = fit(small_config(epochs=2, train_size=160))
+    monkeypatch.setattr(engine, "_keep_data_on_device", lambda device: True)
+    resident_run = fit(small_config(epochs=2, train_size=160))
+    for name, tensor in loader_run.model.state_dict().items():
+        assert torch.equal(tensor, resident_run.model.state_dict()[name]), name
+
+
+def test_device_resident_augmentation_resumes_exactly(monkeypatch, tmp_path):
+    monkeypatch.setattr(engine, "_keep_data_on_device", lambda device: True)
+    monkeypatch.setitem(engine._DEVICE_RESIDENT_AUGMENT, "digits", (1, True))
+    overrides = dict(epochs=2, train_size=160, keep_last=10)
+    full = fit(small_config(tmp_path / "full", **overrides))
+    first = fit(small_config(tmp_path / "cut", **overrides), StopAfterEpochs(1))
+    resumed = fit(small_config(tmp_path / "cut", **overrides), resume_from=first.last_checkpoint)
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fit_keeps_small_dataset_on_device(tmp_path):
