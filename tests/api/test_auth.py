@@ -111,3 +111,19 @@ def test_token_cli_prints_the_token_once(settings, session, capsys):
 def test_migrate_cli(settings, capsys):
     assert cli(["migrate"]) == 0
     assert "newest revision" in capsys.readouterr().out
+
+
+def test_python_dash_m_api_runs_the_cli(settings):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "api", "token", "create", "--name", "sub"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    token = result.stdout.strip()
+    assert token.startswith("jo_") and token not in result.stderr
+    assert "shown only this once" in result.stderr
