@@ -1,0 +1,149 @@
+"""The service end to end over real HTTP, a real Celery worker and Redis, on SQLite and PostgreSQL.
+
+Jobs are digits/mlp runs of a few seconds on the CPU. The stack starts once per backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import time
+
+import pytest
+import torch
+from celery import Celery
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+QUICK = {
+    "dataset": "digits",
+    "architecture": "mlp",
+    "epochs": 2,
+    "train_size": 256,
+    "test_size": 128,
+}
+# Long enough to be caught running (hundreds of epochs), small enough to stop at once.
+LONG = {"dataset": "digits", "architecture": "mlp", "epochs": 300}
+
+
+def send_duplicate(stack, job_id: str) -> None:
+    """What Redis does after a visibility timeout or a lost ack: deliver the same task again."""
+    app = Celery("it", broker=stack.redis.url(), set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    app.send_task("jumpout.run_job", args=[job_id], queue="jobs")
+
+
+def queue_drained(stack) -> bool:
+    client = stack.redis.client()
+    return client.llen("jobs") == 0 and client.hlen("unacked") == 0
+
+
+def test_job_runs_to_success_with_each_epoch_once(stack):
+    job = stack.submit(**QUICK)
+    assert job["status"] == "queued"
+    done = stack.wait_finished(job["id"])
+    assert done["status"] == "succeeded", stack.diagnostics(job["id"])
+    assert done["attempt"] == 1
+    assert done["device"] == "cpu"
+    assert done["error"] is None
+    metrics = stack.client.get(f"/v1/jobs/{job['id']}/metrics").json()["items"]
+    assert [row["epoch"] for row in metrics] == [1, 2]
+    assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in metrics)
+
+
+def test_checkpoints_download_with_matching_sha256_and_load_weights_only(stack):
+    job = stack.submit(**QUICK)
+    assert stack.wait_finished(job["id"])["status"] == "succeeded"
+    checkpoints = stack.client.get(f"/v1/jobs/{job['id']}/checkpoints").json()["items"]
+    assert [c["epoch"] for c in checkpoints] == [1, 2]
+    for checkpoint in checkpoints:
+        response = stack.client.get(f"/v1/jobs/{job['id']}/checkpoints/{checkpoint['id']}/file")
+        assert response.status_code == 200
+        assert hashlib.sha256(response.content).hexdigest() == checkpoint["sha256"]
+        assert len(response.content) == checkpoint["size_bytes"]
+        state = torch.load(io.BytesIO(response.content), weights_only=True)
+        assert state["epoch"] == checkpoint["epoch"]
+        assert set(state) >= {"model", "optimizer", "config", "metrics"}
+
+
+def test_duplicate_delivery_runs_the_job_once(stack):
+    job = stack.submit(**QUICK)
+    send_duplicate(stack, job["id"])
+    send_duplicate(stack, job["id"])
+    done = stack.wait_finished(job["id"])
+    assert done["status"] == "succeeded"
+    deadline = time.monotonic() + 30
+    while not queue_drained(stack) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the last duplicate's claim
+    again = stack.job(job["id"])
+    assert again["status"] == "succeeded" and again["attempt"] == 1
+    metrics = stack.client.get(f"/v1/jobs/{job['id']}/metrics").json()["items"]
+    assert [row["epoch"] for row in metrics] == [1, 2]
+
+
+def test_cancel_queued_and_running_jobs(stack):
+    running = stack.submit(**LONG)
+    stack.wait_for(
+        running["id"], lambda job: job["status"] == "running" and job["progress"]["epoch"] >= 1
+    )
+    # The only worker is busy: this one waits in the queue.
+    queued = stack.submit(**QUICK)
+    response = stack.client.post(f"/v1/jobs/{queued['id']}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+
+    asked = time.monotonic()
+    response = stack.client.post(f"/v1/jobs/{running['id']}/cancel")
+    assert response.status_code == 202
+    done = stack.wait_finished(running["id"], timeout=30)
+    assert done["status"] == "cancelled", stack.diagnostics(running["id"])
+    assert time.monotonic() - asked < 15
+    assert done["progress"]["epoch"] < LONG["epochs"]
+    assert stack.client.get(f"/v1/jobs/{running['id']}/checkpoints").json()["items"]
+    assert stack.trainer_pids(running["id"]) == []
+
+    # The cancelled queued job's message is consumed without running it.
+    deadline = time.monotonic() + 30
+    while not queue_drained(stack) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    never_ran = stack.job(queued["id"])
+    assert never_ran["status"] == "cancelled" and never_ran["attempt"] == 0
+
+
+def test_trainer_crash_is_retried_and_resumes_from_the_checkpoint(stack):
+    spec = {**LONG, "epochs": 12}
+    job = stack.submit(**spec)
+    stack.wait_for(
+        job["id"], lambda job: job["status"] == "running" and job["progress"]["epoch"] >= 2
+    )
+    for pid in stack.trainer_pids(job["id"]):
+        os.kill(pid, signal.SIGKILL)
+    done = stack.wait_finished(job["id"], timeout=120)
+    assert done["status"] == "succeeded", stack.diagnostics(job["id"])
+    assert done["attempt"] == 2
+    metrics = stack.client.get(f"/v1/jobs/{job['id']}/metrics").json()["items"]
+    assert [row["epoch"] for row in metrics] == list(range(1, spec["epochs"] + 1))
+    log = (stack.home / "artifacts" / "jobs" / job["id"] / "trainer.log").read_text()
+    assert "=== attempt 2 ===" in log and "resuming" in log
+
+
+def test_missing_dataset_fails_once_with_a_readable_reason(stack):
+    job = stack.submit(dataset="cifar10", architecture="mlp", epochs=1)
+    done = stack.wait_finished(job["id"])
+    assert done["status"] == "failed"
+    assert done["attempt"] == 1
+    assert "cifar10" in done["error"].lower()
+    assert "Traceback" not in done["error"]
+
+
+def test_invalid_spec_is_422_naming_the_field(stack):
+    response = stack.client.post("/v1/jobs", json={**QUICK, "epochs": 0})
+    assert response.status_code == 422
+    assert "epochs" in response.text
+    response = stack.client.post("/v1/jobs", json={**QUICK, "learning_rate": 0.1})
+    assert response.status_code == 422
+    assert "learning_rate" in response.text
