@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="dropout vs jumpout on the offline digits set, on the CPU (< 1 min)"
     )
-    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 

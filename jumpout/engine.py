@@ -745,12 +745,14 @@ def fit(
             seen += y.shape[0]
             if layers:
                 stats = [
-                    value.detach().float().mean()
+                    value
                     for _, module in layers
                     for value in (module.last_active_fraction, module.last_rate)
                     if value is not None
                 ]
                 if len(stats) == 2 * len(layers):
+                    # The layers keep 0-d batch means: one stack and one add per step.
+                    stats = [v.float() if v.dim() == 0 else v.float().mean() for v in stats]
                     layer_sums += torch.stack(stats).view(len(layers), 2)
 
             report = None
