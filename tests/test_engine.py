@@ -169,6 +169,17 @@ def test_keep_last_and_keep_best_pruning(trained):
     assert flagged[-1] == result.best_epoch
 
 
+def test_keep_last_without_keep_best_and_stale_temp_files_removed(tmp_path):
+    stale = tmp_path / ".checkpoint-killed.tmp"
+    stale.write_bytes(b"a save interrupted by a kill")
+    recorder = Recorder()
+    fit(small_config(tmp_path, epochs=3, train_size=64, keep_last=1, keep_best=False), recorder)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-epoch0003.pt"]
+    assert len(recorder.removed) == 2
+    assert not stale.exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_leftover_temp_file_is_ignored(trained, tmp_path):
     _, _, _, out = trained
     for path in list_checkpoints(out):
