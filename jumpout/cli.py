@@ -8,7 +8,8 @@
 
 A bad option value or missing dataset files print one line naming the field or files and exit
 with status 2 (no traceback). Ctrl-C (or SIGTERM) during ``train`` stops cooperatively after
-writing a checkpoint; a second Ctrl-C aborts at once.
+writing a checkpoint (exit status 130; ``--resume`` continues at that step); a second Ctrl-C
+aborts at once.
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     if result.last_checkpoint:
         print(f"last checkpoint: {result.last_checkpoint}")
-    return 0
+    return 130 if result.stopped else 0
 
 
 def _ablation(args: argparse.Namespace) -> int:
