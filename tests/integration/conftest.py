@@ -277,3 +277,13 @@ def stack(request, tmp_path_factory) -> Iterator[Stack]:
         for name in ("api", "reaper", "worker"):
             service.start(name)
         yield service
+
+
+@pytest.fixture(scope="module")
+def service_kit():
+    """The helpers above, for tests that assemble their own processes (``test_compose``)."""
+    import types
+
+    return types.SimpleNamespace(
+        Process=Process, RedisServer=RedisServer, Stack=Stack, postgres_database=postgres_database
+    )
