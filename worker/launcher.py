@@ -63,7 +63,10 @@ class Managed:
         if self.process is None or self.process.poll() is not None:
             return
         log.info("stopping %s (up to %.0fs)", self.name, self.stop_timeout)
-        _signal_group(self.process.pid, signal.SIGTERM)
+        # To the main process only, as `docker stop` does: Celery's pool processes die at once on
+        # SIGTERM, whereas the worker's warm shutdown has each supervisor checkpoint its job.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:

@@ -44,10 +44,18 @@ class Process:
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
 
+    def kill(self) -> None:
+        """SIGKILL the whole group at once: a machine or container dying under the process."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.popen.poll() is None:
+            # To the main process only, as `docker stop` does (Celery's pool processes would die
+            # at once on SIGTERM; the worker's warm shutdown lets the trainer checkpoint).
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
+                os.kill(self.popen.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout)
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -127,6 +135,7 @@ def base_env(home: Path, database_url: str, broker_url: str, **extra: str) -> di
         JUMPOUT_HEARTBEAT_INTERVAL="1",
         JUMPOUT_CANCEL_GRACE="5",
         JUMPOUT_REAPER_INTERVAL="2",
+        JUMPOUT_HEARTBEAT_TIMEOUT="8",
         JUMPOUT_WORKER_NAME="it-worker",
         PYTHONUNBUFFERED="1",
     )

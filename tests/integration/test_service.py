@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import signal
 import time
 
 import pytest
@@ -115,23 +113,6 @@ def test_cancel_queued_and_running_jobs(stack):
     time.sleep(1.0)
     never_ran = stack.job(queued["id"])
     assert never_ran["status"] == "cancelled" and never_ran["attempt"] == 0
-
-
-def test_trainer_crash_is_retried_and_resumes_from_the_checkpoint(stack):
-    spec = {**LONG, "epochs": 6}
-    job = stack.submit(**spec)
-    stack.wait_for(
-        job["id"], lambda job: job["status"] == "running" and job["progress"]["epoch"] >= 2
-    )
-    for pid in stack.trainer_pids(job["id"]):
-        os.kill(pid, signal.SIGKILL)
-    done = stack.wait_finished(job["id"], timeout=120)
-    assert done["status"] == "succeeded", stack.diagnostics(job["id"])
-    assert done["attempt"] == 2
-    metrics = stack.client.get(f"/v1/jobs/{job['id']}/metrics").json()["items"]
-    assert [row["epoch"] for row in metrics] == list(range(1, spec["epochs"] + 1))
-    log = (stack.home / "artifacts" / "jobs" / job["id"] / "trainer.log").read_text()
-    assert "=== attempt 2 ===" in log and "resuming" in log
 
 
 def test_missing_dataset_fails_once_with_a_readable_reason(stack):
