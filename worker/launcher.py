@@ -20,10 +20,12 @@ order.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +38,7 @@ from api.settings import get_settings
 log = logging.getLogger("worker.launcher")
 
 MAX_BACKOFF_S = 30.0
+_PR_SET_PDEATHSIG = 1
 HEALTHY_AFTER_S = 60.0
 
 
@@ -55,7 +58,9 @@ class Managed:
 
     def start(self, env: dict[str, str]) -> None:
         log.info("starting %s: %s", self.name, " ".join(self.argv))
-        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.argv, env=env, start_new_session=True, preexec_fn=_stop_with_launcher
+        )
         self.started_at = time.monotonic()
         self.restart_at = None
 
@@ -74,6 +79,23 @@ class Managed:
         # Whatever it left behind in its group (pool processes, a trainer's own group aside).
         _signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
+
+
+def _stop_with_launcher() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies (even by SIGKILL), so that a
+    killed launcher leaves no worker, API or Redis behind. The launcher is single-threaded."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -187,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     embedded_redis = "broker_url" not in _explicit_fields()
     env = child_environment()
     Path(env["JUMPOUT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+    ports = [("JUMPOUT_PORT", settings.host, settings.port)]
+    if embedded_redis:
+        ports.append(("JUMPOUT_REDIS_PORT", "127.0.0.1", settings.redis_port))
+    for variable, host, port in ports:
+        if port_in_use(host, port):
+            log.error("%s:%d is in use (another jumpout running?); set %s", host, port, variable)
+            return 1
 
     log.info("applying migrations to %s", settings.database_url)
     migrated = subprocess.run([sys.executable, "-m", "api", "migrate"], env=env)

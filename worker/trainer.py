@@ -8,7 +8,8 @@ the supervisor. On a stop the engine checkpoints and returns; the exit code tell
 what happened (see ``worker.supervisor``):
 
 * 0: trained every epoch;
-* ``EXIT_FAILED``: a deterministic failure (bad config, unknown dataset, non-finite loss); the
+* ``EXIT_FAILED``: a deterministic failure (bad config, missing dataset, non-finite loss, CUDA
+  out of memory); the
   readable reason is in ``trainer-result.json`` next to the checkpoints; retrying cannot help;
 * ``EXIT_STOPPED``: stopped on request after checkpointing;
 * anything else (an exception, a signal, the OOM killer): a crash, retried from a checkpoint.
@@ -134,6 +135,8 @@ def train(job_id: str) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_event.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop_event.set())
 
+    import torch
+
     from jumpout.data import DatasetNotFoundError
     from jumpout.engine import NonFiniteLossError, fit, resolve_device
     from jumpout.recipes import ConfigError
@@ -165,6 +168,14 @@ def train(job_id: str) -> int:
         return EXIT_FAILED
     except NonFiniteLossError as error:
         _write_result(job_id, f"training diverged: {error}")
+        return EXIT_FAILED
+    except torch.OutOfMemoryError:
+        # The same spec on the same device runs out again: not worth another attempt.
+        _write_result(
+            job_id,
+            f"out of memory on {_describe_device(device)} with batch_size {config.batch_size}: "
+            "submit a smaller batch_size or a smaller architecture",
+        )
         return EXIT_FAILED
     if result.stopped:
         return EXIT_STOPPED
