@@ -1,0 +1,106 @@
+"""How the supervisor turns a trainer's exit into the job's state (no processes started)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from api import jobs
+from worker import supervisor
+from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, _record_outcome, _Stop
+
+
+@pytest.fixture
+def enqueued(monkeypatch) -> list[str]:
+    sent: list[str] = []
+    monkeypatch.setattr(supervisor, "_enqueue", sent.append)
+    return sent
+
+
+def outcome(job_id, tmp_path, *, returncode, attempt=1, stop=None, reason=None):
+    result = tmp_path / "result.json"
+    if reason is not None:
+        result.write_text(json.dumps({"status": "failed", "error": reason}))
+    return _record_outcome(
+        job_id, attempt=attempt, returncode=returncode, stop=stop, result_path=result,
+        tail="Traceback ... RuntimeError: boom",
+    )  # fmt: skip
+
+
+def job(job_store, job_id):
+    return job_store.call(jobs.get_job, job_id)
+
+
+def test_exit_zero_is_success(job_store, claimed_job, tmp_path, enqueued):
+    assert outcome(claimed_job, tmp_path, returncode=0) == "succeeded"
+    assert job(job_store, claimed_job).status == "succeeded"
+    assert enqueued == []
+
+
+def test_deterministic_failure_fails_once_with_the_trainers_reason(
+    job_store, claimed_job, tmp_path, enqueued
+):
+    status = outcome(
+        claimed_job, tmp_path, returncode=EXIT_FAILED, reason="dataset not found: cifar10"
+    )
+    assert status == "failed"
+    row = job(job_store, claimed_job)
+    assert (row.status, row.error, row.attempt) == ("failed", "dataset not found: cifar10", 1)
+    assert enqueued == []
+
+
+def test_crash_is_requeued_while_attempts_remain(job_store, claimed_job, tmp_path, enqueued):
+    assert outcome(claimed_job, tmp_path, returncode=-signal.SIGKILL) == "queued"
+    row = job(job_store, claimed_job)
+    assert row.status == "queued"
+    assert "SIGKILL" in row.error and "RuntimeError: boom" in row.error
+    assert enqueued == [claimed_job]
+    # The next delivery claims it as attempt 2.
+    assert job_store.call(jobs.claim_job, claimed_job, worker="test").attempt == 2
+
+
+def test_crash_on_the_last_attempt_fails_with_the_output_tail(
+    job_store, claimed_job, tmp_path, enqueued, monkeypatch
+):
+    monkeypatch.setenv("JUMPOUT_MAX_ATTEMPTS", "1")
+    from api.settings import get_settings
+
+    get_settings.cache_clear()
+    assert outcome(claimed_job, tmp_path, returncode=1) == "failed"
+    row = job(job_store, claimed_job)
+    assert row.status == "failed"
+    assert "exited with code 1 on attempt 1 of 1" in row.error
+    assert "RuntimeError: boom" in row.error
+    assert enqueued == []
+
+
+def test_stop_after_a_cancel_request_is_cancelled(job_store, claimed_job, tmp_path, enqueued):
+    stop = _Stop("cancel", since=0.0)
+    assert outcome(claimed_job, tmp_path, returncode=EXIT_STOPPED, stop=stop) == "cancelled"
+    assert job(job_store, claimed_job).status == "cancelled"
+
+
+def test_shutdown_requeues_without_using_an_attempt(job_store, claimed_job, tmp_path, enqueued):
+    stop = _Stop("shutdown", since=0.0, term_sent=0.0)
+    assert outcome(claimed_job, tmp_path, returncode=EXIT_STOPPED, stop=stop) == "queued"
+    row = job(job_store, claimed_job)
+    assert (row.status, row.attempt) == ("queued", 0)
+    assert "shutdown" in row.error
+    assert enqueued == [claimed_job]
+
+
+def test_a_job_taken_away_is_left_to_its_new_owner(job_store, claimed_job, tmp_path, enqueued):
+    stop = _Stop("lost", since=0.0, term_sent=0.0)
+    assert outcome(claimed_job, tmp_path, returncode=EXIT_STOPPED, stop=stop) is None
+    row = job(job_store, claimed_job)
+    assert (row.status, row.attempt) == ("running", 1)
+    assert enqueued == []
+
+
+def test_requeue_is_conditional_on_the_attempt(job_store, claimed_job):
+    assert not job_store.call(
+        job_store.requeue_job, claimed_job, attempt=2, error="x", count_attempt=True
+    )
+    assert job(job_store, claimed_job).status == "running"
