@@ -14,7 +14,7 @@ trainer exit               job
 =========================  =================================================================
 0                          ``succeeded``
 ``EXIT_FAILED`` (3)        ``failed`` with the reason the trainer wrote to its result file
-                           (bad config, unknown dataset, non-finite loss): never retried
+                           (bad config, missing dataset, non-finite loss, CUDA OOM): never retried
 anything, after a cancel   ``cancelled`` (the trainer checkpoints and exits ``EXIT_STOPPED``;
 request                    after ``cancel_grace`` s it gets SIGTERM, 10 s later SIGKILL)
 anything, after a worker   requeued at once without using up an attempt; resumes from the
