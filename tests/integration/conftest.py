@@ -294,5 +294,9 @@ def service_kit():
     import types
 
     return types.SimpleNamespace(
-        Process=Process, RedisServer=RedisServer, Stack=Stack, postgres_database=postgres_database
+        Process=Process,
+        RedisServer=RedisServer,
+        Stack=Stack,
+        postgres_database=postgres_database,
+        free_port=free_port,
     )
