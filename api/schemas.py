@@ -55,8 +55,16 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    dataset: str = Field(description="a dataset name from the library's registry")
-    architecture: str = Field(description="a model name from the library's registry")
+    # The accepted names are listed in the OpenAPI schema too (as an enum, filled in when the
+    # schema is generated, so importing this module does not load the registries).
+    dataset: str = Field(
+        description="a dataset name from the library's registry",
+        json_schema_extra=lambda schema: schema.update(enum=accepted_datasets()),
+    )
+    architecture: str = Field(
+        description="a model name from the library's registry",
+        json_schema_extra=lambda schema: schema.update(enum=accepted_architectures()),
+    )
     method: Method | None = None
     sigma: float | None = Field(None, ge=0, le=10)
     p_min: float | None = Field(None, ge=0, lt=1)
@@ -249,6 +257,43 @@ class CheckpointRead(BaseModel):
 
 class CheckpointsPage(BaseModel):
     items: list[CheckpointRead]
+
+
+class FieldErrorRead(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable (e.g. invalid_spec, job_not_found)")
+    message: str
+    fields: list[FieldErrorRead]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer has this shape (see `api.errors`)."""
+
+    error: ErrorDetail
+
+
+ERROR_DESCRIPTIONS = {
+    400: "The request body is not valid JSON",
+    401: "Missing, invalid or revoked API token",
+    403: "The token may not do this (only the job's owner or an admin may cancel it)",
+    404: "No such job or checkpoint",
+    409: "Conflict: the job has already finished, or the checkpoint file is corrupted or refused",
+    410: "The checkpoint file no longer exists",
+    413: "The request body exceeds max_request_bytes",
+    422: "A field is invalid, unknown or over a server limit; `fields` names each one",
+    429: "The token already has max_queued_per_token queued jobs",
+}
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for these error statuses, all with the uniform `ErrorBody`."""
+    return {
+        code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in status_codes
+    }
 
 
 class Health(BaseModel):

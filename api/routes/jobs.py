@@ -19,12 +19,18 @@ from api.schemas import (
     JobStatus,
     Method,
     MetricsPage,
+    error_responses,
 )
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobRead)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobRead,
+    responses=error_responses(400, 401, 413, 422, 429),
+)
 def submit_job(body: JobCreate, session: SessionDep, token: TokenDep, response: Response):
     job = jobs.create_job(session, spec=body.model_dump(exclude_unset=True), owner_id=token.id)
     # The row is committed first; if the broker is down the job stays queued for a reconciler.
@@ -33,7 +39,7 @@ def submit_job(body: JobCreate, session: SessionDep, token: TokenDep, response: 
     return JobRead.from_job(job)
 
 
-@router.get("", response_model=JobsPage)
+@router.get("", response_model=JobsPage, responses=error_responses(401, 422))
 def list_jobs(
     session: SessionDep,
     _token: TokenDep,
@@ -49,23 +55,34 @@ def list_jobs(
     return JobsPage(items=[JobRead.from_job(job) for job in page], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobRead)
+@router.get("/{job_id}", response_model=JobRead, responses=error_responses(401, 404, 422))
 def read_job(job_id: str, session: SessionDep, _token: TokenDep):
     return JobRead.from_job(jobs.get_job(session, job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses=error_responses(401, 403, 404, 409, 413, 422),
+)
 def cancel_job(job_id: str, session: SessionDep, token: TokenDep):
     return JobRead.from_job(jobs.request_cancel(session, job_id, token=token))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsPage)
+@router.get(
+    "/{job_id}/metrics", response_model=MetricsPage, responses=error_responses(401, 404, 422)
+)
 def read_metrics(job_id: str, session: SessionDep, _token: TokenDep):
     rows = jobs.list_metrics(session, job_id)
     return MetricsPage(items=[EpochMetricRead.model_validate(row) for row in rows])
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointsPage)
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=CheckpointsPage,
+    responses=error_responses(401, 404, 422),
+)
 def read_checkpoints(job_id: str, session: SessionDep, _token: TokenDep):
     rows = jobs.list_checkpoints(session, job_id)
     return CheckpointsPage(items=[CheckpointRead.model_validate(row) for row in rows])
@@ -74,7 +91,15 @@ def read_checkpoints(job_id: str, session: SessionDep, _token: TokenDep):
 @router.get(
     "/{job_id}/checkpoints/{checkpoint_id}/file",
     response_class=FileResponse,
-    responses={409: {"description": "file corrupted"}, 410: {"description": "file missing"}},
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "The checkpoint file (torch.save; load it with weights_only=True)",
+        },
+        **error_responses(401, 404, 409, 410, 422),
+    },
 )
 def download_checkpoint(
     job_id: str,
