@@ -115,15 +115,6 @@ def test_cancel_queued_and_running_jobs(stack):
     assert never_ran["status"] == "cancelled" and never_ran["attempt"] == 0
 
 
-def test_missing_dataset_fails_once_with_a_readable_reason(stack):
-    job = stack.submit(dataset="cifar10", architecture="mlp", epochs=1)
-    done = stack.wait_finished(job["id"])
-    assert done["status"] == "failed"
-    assert done["attempt"] == 1
-    assert "cifar10" in done["error"].lower()
-    assert "Traceback" not in done["error"]
-
-
 def test_invalid_spec_is_422_naming_the_field(stack):
     response = stack.client.post("/v1/jobs", json={**QUICK, "epochs": 0})
     assert response.status_code == 422

@@ -1,5 +1,6 @@
-"""Recovery paths of the worker, on the real stack: a trainer crash, a worker's graceful
-shutdown, and a worker killed outright (the reaper's case). Each resumes from a checkpoint.
+"""Failure and recovery paths of the worker, on the real stack: a deterministic failure (never
+retried), a trainer crash, a worker's graceful shutdown, and a worker killed outright (the
+reaper's case). Each recovery resumes from a checkpoint.
 
 SQLite only (the state machine is the same on PostgreSQL, which ``test_service`` covers), to keep
 the integration suite within a few minutes.
@@ -54,6 +55,15 @@ def epochs_recorded(stack, job_id: str) -> list[int]:
 def cancel_and_wait(stack, job_id: str) -> dict:
     assert stack.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     return stack.wait_finished(job_id, timeout=30)
+
+
+def test_missing_dataset_fails_once_with_a_readable_reason(stack):
+    job = stack.submit(dataset="cifar10", architecture="mlp", epochs=1)
+    done = stack.wait_finished(job["id"])
+    assert done["status"] == "failed"
+    assert done["attempt"] == 1
+    assert "cifar10" in done["error"].lower()
+    assert "Traceback" not in done["error"]
 
 
 def test_trainer_crash_is_retried_and_resumes_from_the_checkpoint(stack):
