@@ -186,18 +186,36 @@ def install_error_handlers(app, *, accepted_fields: list[str] | None = None) -> 
             headers=exc.headers,
         )
 
-    async def on_validation_error(_request, exc: RequestValidationError):
+    async def on_validation_error(request, exc: RequestValidationError):
         status, body = validation_error_response(list(exc.errors()), accepted_fields)
         if (
             status == 422
             and body["error"]["fields"]
             and body["error"]["fields"][0]["field"] == "body"
         ):
-            # The whole body was the wrong type (a list, a string...).
-            body["error"]["message"] = "the request body must be a JSON object (a job spec)"
+            # The whole body was the wrong type (a list, a string...), or was not sent as JSON
+            # at all (FastAPI does not parse a body of another content type).
+            message = "the request body must be a JSON object (a job spec)"
+            content_type = request.headers.get("content-type", "")
+            if not _is_json(content_type):
+                shown = repr(content_type[:40]) if content_type else "none"
+                message += f" sent with Content-Type: application/json (got {shown})"
+            body["error"]["message"] = message
         return JSONResponse(_jsonable(body), status_code=status)
 
     async def on_http_error(_request, exc: StarletteHTTPException):
+        if exc.status_code == 400:
+            # FastAPI's body parser failed on something json.loads refused other than a syntax
+            # error: invalid UTF-8, an integer over Python's 4300-digit limit, nesting too deep.
+            return JSONResponse(
+                error_body(
+                    "malformed_json",
+                    "the request body could not be parsed: send a UTF-8 JSON object "
+                    "(no integer over 4300 digits, no deep nesting)",
+                    [FieldError("body", "expected a JSON object")],
+                ),
+                status_code=400,
+            )
         codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
         code = codes.get(exc.status_code, "http_error")
         return JSONResponse(
@@ -214,6 +232,11 @@ def install_error_handlers(app, *, accepted_fields: list[str] | None = None) -> 
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
 
 
 def _jsonable(value: Any) -> Any:

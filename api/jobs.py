@@ -105,6 +105,20 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
         raise InvalidSpec(
             "the job spec was refused", fields=[FieldError("spec", str(exc))]
         ) from None
+    for field, setting in (("epochs", "max_epochs"), ("batch_size", "max_batch_size")):
+        # JobCreate bounds what the client sends; the recipe's default must fit the limit too.
+        value, limit = getattr(config, field), getattr(settings, setting)
+        if value > limit:
+            raise InvalidSpec(
+                f"invalid value for: {field}",
+                fields=[
+                    FieldError(
+                        field,
+                        f"the recipe's default {field} ({value}) is over this server's limit "
+                        f"of {limit} ({setting}): set {field} to at most {limit}",
+                    )
+                ],
+            )
     resolved = json.loads(json.dumps(dataclasses.asdict(config)))
 
     if owner_id is not None:

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.errors import error_body, install_error_handlers
+from api.errors import FieldError, error_body, install_error_handlers
 from api.routes import health, jobs
 from api.schemas import (
     accepted_ablations,
@@ -60,7 +60,11 @@ class BodySizeLimit:
 
     async def _refuse(self, send):
         payload = json.dumps(
-            error_body("request_too_large", f"the request body exceeds {self.max_bytes} bytes")
+            error_body(
+                "request_too_large",
+                f"the request body exceeds {self.max_bytes} bytes (max_request_bytes)",
+                [FieldError("body", f"at most {self.max_bytes} bytes")],
+            )
         ).encode()
         await send(
             {

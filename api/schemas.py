@@ -111,7 +111,7 @@ class JobCreate(BaseModel):
     def _bounded_epochs(cls, value: int | None) -> int | None:
         limit = get_settings().max_epochs
         if value is not None and value > limit:
-            raise ValueError(f"at most {limit} epochs on this server")
+            raise ValueError(f"at most {limit} epochs on this server (max_epochs)")
         return value
 
     @field_validator("batch_size")
@@ -119,7 +119,7 @@ class JobCreate(BaseModel):
     def _bounded_batch_size(cls, value: int | None) -> int | None:
         limit = get_settings().max_batch_size
         if value is not None and value > limit:
-            raise ValueError(f"at most {limit} on this server")
+            raise ValueError(f"at most {limit} on this server (max_batch_size)")
         return value
 
     @field_validator("milestones")
@@ -127,7 +127,7 @@ class JobCreate(BaseModel):
     def _bounded_milestones(cls, value: list[int] | None) -> list[int] | None:
         limit = get_settings().max_epochs
         if value is not None and any(not 1 <= m <= limit for m in value):
-            raise ValueError(f"each milestone must be an epoch between 1 and {limit}")
+            raise ValueError(f"each milestone must be an epoch between 1 and {limit} (max_epochs)")
         return value
 
     @field_validator("p_max")
