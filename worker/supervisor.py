@@ -92,8 +92,13 @@ class _Stop:
     kill_sent: bool = False
 
 
-def supervise(job_id: str, *, attempt: int) -> str | None:
-    """Run the trainer for a claimed job until it exits, then record the outcome."""
+def trainer_command(job_id: str) -> list[str]:
+    return [sys.executable, "-m", "worker.trainer", job_id]
+
+
+def supervise(job_id: str, *, attempt: int, command: list[str] | None = None) -> str | None:
+    """Run the trainer (``command``, default ``trainer_command(job_id)``) for a claimed job until
+    it exits, then record the outcome."""
     settings = get_settings()
     out_dir = job_dir(job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +110,7 @@ def supervise(job_id: str, *, attempt: int) -> str | None:
         log_file.flush()
         start_offset = log_file.tell()
         trainer = subprocess.Popen(
-            [sys.executable, "-m", "worker.trainer", job_id],
+            command or trainer_command(job_id),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -104,3 +104,72 @@ def test_requeue_is_conditional_on_the_attempt(job_store, claimed_job):
         job_store.requeue_job, claimed_job, attempt=2, error="x", count_attempt=True
     )
     assert job(job_store, claimed_job).status == "running"
+
+
+# --- supervise() with stand-in trainers ---------------------------------------------------------
+
+
+def python(code: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-c", code]
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """Short heartbeat and grace periods."""
+    from api.settings import get_settings
+
+    monkeypatch.setenv("JUMPOUT_HEARTBEAT_INTERVAL", "0.2")
+    monkeypatch.setenv("JUMPOUT_CANCEL_GRACE", "1")
+    monkeypatch.setattr(supervisor, "KILL_AFTER_TERM_S", 1.0)
+    get_settings.cache_clear()
+
+
+def test_supervise_heartbeats_while_the_trainer_runs(job_store, claimed_job, fast, enqueued):
+    before = job(job_store, claimed_job).heartbeat_at
+    status = supervisor.supervise(
+        claimed_job, attempt=1, command=python("import time; time.sleep(1.5)")
+    )
+    assert status == "succeeded"
+    assert job(job_store, claimed_job).heartbeat_at > before
+
+
+def test_cancel_escalates_to_sigkill_when_the_trainer_ignores_it(
+    job_store, claimed_job, fast, enqueued
+):
+    import time
+
+    job_store.call(jobs.request_cancel, claimed_job, token=_Admin())
+    stubborn = python(
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    )
+    started = time.monotonic()
+    assert supervisor.supervise(claimed_job, attempt=1, command=stubborn) == "cancelled"
+    assert time.monotonic() - started < 15
+    assert job(job_store, claimed_job).status == "cancelled"
+
+
+def test_a_crashing_trainer_keeps_its_output_in_the_error(job_store, claimed_job, fast, enqueued):
+    crash = python("import sys; print('loading the data'); sys.exit('something broke')")
+    assert supervisor.supervise(claimed_job, attempt=1, command=crash) == "queued"
+    error = job(job_store, claimed_job).error
+    assert "exited with code 1" in error and "something broke" in error
+
+
+def test_a_job_requeued_under_the_supervisor_stops_its_trainer(
+    job_store, claimed_job, fast, enqueued
+):
+    # The reaper gave the job away (our heartbeats were late): the heartbeat write says so.
+    job_store.call(job_store.requeue_job, claimed_job, attempt=1, error="stale", count_attempt=True)
+    status = supervisor.supervise(
+        claimed_job, attempt=1, command=python("import time; time.sleep(60)")
+    )
+    assert status is None
+    assert job(job_store, claimed_job).status == "queued"
+    assert enqueued == []
+
+
+class _Admin:
+    id = None
+    is_admin = True
