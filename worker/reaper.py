@@ -23,6 +23,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -80,10 +81,13 @@ def _queued_before(session, cutoff: datetime) -> list[str]:
     return list(session.scalars(query))
 
 
-def _ids_in_broker() -> set[str] | None:
-    """Job ids of the ``run_job`` messages waiting in Redis or delivered but not acknowledged.
+def _ids_in_broker(recent_s: float = LOST_AFTER.total_seconds()) -> set[str] | None:
+    """Job ids of the ``run_job`` messages waiting in Redis, or delivered in the last
+    ``recent_s`` seconds and not yet acknowledged (a worker is about to claim them).
 
-    None when the broker cannot be read (then nothing is re-sent: better late than doubled).
+    An older unacknowledged message of a queued job belongs to a worker that died: it would only
+    come back after the visibility timeout (days), so it does not count. None when the broker
+    cannot be read (then nothing is re-sent: better late than doubled).
     """
     import redis
 
@@ -93,11 +97,13 @@ def _ids_in_broker() -> set[str] | None:
     try:
         client = redis.Redis.from_url(url, socket_timeout=5)
         # kombu keeps a queue's messages of priority 0 in a list named after the queue, other
-        # priorities in "<queue>\x06\x16<priority>"; delivered, unacknowledged ones in "unacked".
+        # priorities in "<queue>\x06\x16<priority>"; delivered, unacknowledged ones in the hash
+        # "unacked", with their delivery times in the sorted set "unacked_index".
         raw: list[bytes] = []
         for key in [JOBS_QUEUE, *(f"{JOBS_QUEUE}\x06\x16{p}" for p in range(1, 10))]:
             raw.extend(client.lrange(key, 0, -1))
-        unacked = client.hvals("unacked")
+        tags = client.zrangebyscore("unacked_index", time.time() - recent_s, "+inf")
+        unacked = client.hmget("unacked", tags) if tags else []
     except redis.RedisError as error:
         log.warning("cannot read the broker's queue: %s", error)
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -86,10 +87,14 @@ def test_ids_in_broker_reads_celerys_messages_from_redis(job_store, monkeypatch)
         job_id = uuid.uuid4().hex
         broker.enqueue_job(job_id)
         assert job_id in reaper._ids_in_broker()
-        # Delivered but not acknowledged: kombu keeps it in the "unacked" hash.
+        # Delivered but not acknowledged: kombu keeps it in the "unacked" hash, indexed by time.
         raw = client.rpop("jobs")
         client.hset("unacked", "tag", b"[" + raw + b', "jobs", "jobs"]')
+        client.zadd("unacked_index", {"tag": time.time()})
         assert job_id in reaper._ids_in_broker()
+        # Delivered long ago to a worker that died: lost, as far as a queued job is concerned.
+        client.zadd("unacked_index", {"tag": time.time() - 3600})
+        assert job_id not in reaper._ids_in_broker()
     finally:
         client.flushdb()
         broker._celery_app.cache_clear()
