@@ -11,6 +11,8 @@ from api import jobs
 from worker import supervisor
 from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, _record_outcome, _Stop
 
+pytestmark = pytest.mark.timeout(60)  # supervise() waits on real child processes
+
 
 @pytest.fixture
 def enqueued(monkeypatch) -> list[str]:
