@@ -86,6 +86,12 @@ class ChecksumMismatch(Conflict):
     code = "checksum_mismatch"
 
 
+class CheckpointRefused(Conflict):
+    """The recorded path is not a file the service wrote (outside the artifact directory)."""
+
+    code = "checkpoint_refused"
+
+
 class CheckpointGone(ApiError):
     status_code = 410
     code = "checkpoint_missing"

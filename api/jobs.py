@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from api.errors import (
     CheckpointGone,
     CheckpointNotFound,
+    CheckpointRefused,
     ChecksumMismatch,
     FieldError,
     Forbidden,
@@ -555,8 +556,23 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
 def verify_checkpoint_file(checkpoint: Checkpoint) -> Path:
     """The checkpoint's file, after checking it is there and matches its recorded size and
     sha256. Raises `CheckpointGone` (missing) or `ChecksumMismatch` (changed or corrupted).
-    Call it outside a transaction: hashing a large file must not hold the SQLite write lock."""
+    Call it outside a transaction: hashing a large file must not hold the SQLite write lock.
+
+    Only files under `settings.artifact_dir` (symlinks resolved) are ever served or resumed from:
+    a record pointing elsewhere raises `CheckpointRefused` before the file is even looked at."""
     path = Path(checkpoint.path)
+    root = Path(get_settings().artifact_dir).resolve()
+    if not path.resolve().is_relative_to(root):
+        # A row the worker did not write (or an artifact_dir that moved): say so to the operator
+        # in the log; the client is not told the server path.
+        logger.error(
+            "checkpoint %s of job %s points outside the artifact directory %s: %s",
+            checkpoint.id, checkpoint.job_id, root, checkpoint.path,
+        )  # fmt: skip
+        raise CheckpointRefused(
+            f"the file of checkpoint {checkpoint.id} (epoch {checkpoint.epoch}) is not in the "
+            "server's artifact directory; it will not be served"
+        )
     if not path.is_file():
         raise CheckpointGone(
             f"the file of checkpoint {checkpoint.id} (epoch {checkpoint.epoch}) no longer exists"
@@ -583,7 +599,7 @@ def newest_valid_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
     for row in rows:
         try:
             verify_checkpoint_file(row)
-        except (CheckpointGone, ChecksumMismatch) as exc:
+        except (CheckpointGone, ChecksumMismatch, CheckpointRefused) as exc:
             logger.warning("skipping checkpoint %s of job %s: %s", row.id, job_id, exc.message)
             continue
         return row

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from api import jobs
 
 
@@ -52,8 +54,16 @@ def test_non_finite_metrics_are_stored_as_null(client, session, make_job):
     assert item["train_loss"] is None and item["test_accuracy"] == 0.5
 
 
-def write_checkpoint(tmp_path, name: str, content: bytes) -> tuple[str, str]:
-    path = tmp_path / name
+@pytest.fixture
+def artifacts(settings):
+    """Where the worker writes checkpoints: the only directory the API serves files from."""
+    directory = settings.artifact_dir / "jobs" / "test"
+    directory.mkdir(parents=True)
+    return directory
+
+
+def write_checkpoint(directory, name: str, content: bytes) -> tuple[str, str]:
+    path = directory / name
     path.write_bytes(content)
     return str(path), hashlib.sha256(content).hexdigest()
 
@@ -65,12 +75,12 @@ def record(session, job_id, path, sha, content, epoch, is_best=False):
     )  # fmt: skip
 
 
-def test_checkpoints_list_and_download_with_checksum(client, session, make_job, tmp_path):
+def test_checkpoints_list_and_download_with_checksum(client, session, make_job, artifacts):
     job_id = make_job()
     content = b"checkpoint bytes " * 100
-    path, sha = write_checkpoint(tmp_path, "checkpoint-epoch0001.pt", content)
+    path, sha = write_checkpoint(artifacts, "checkpoint-epoch0001.pt", content)
     first = record(session, job_id, path, sha, content, epoch=1, is_best=True)
-    path2, sha2 = write_checkpoint(tmp_path, "checkpoint-epoch0002.pt", content + b"2")
+    path2, sha2 = write_checkpoint(artifacts, "checkpoint-epoch0002.pt", content + b"2")
     second = record(session, job_id, path2, sha2, content + b"2", epoch=2, is_best=True)
 
     items = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"]
@@ -89,29 +99,29 @@ def test_checkpoints_list_and_download_with_checksum(client, session, make_job, 
     assert hashlib.sha256(response.content).hexdigest() == sha
 
 
-def test_a_corrupted_or_missing_checkpoint_is_not_served(client, session, make_job, tmp_path):
+def test_a_corrupted_or_missing_checkpoint_is_not_served(client, session, make_job, artifacts):
     job_id = make_job()
     content = b"good bytes" * 10
-    path, sha = write_checkpoint(tmp_path, "checkpoint-epoch0001.pt", content)
+    path, sha = write_checkpoint(artifacts, "checkpoint-epoch0001.pt", content)
     checkpoint = record(session, job_id, path, sha, content, epoch=1)
     url = f"/v1/jobs/{job_id}/checkpoints/{checkpoint.id}/file"
 
-    (tmp_path / "checkpoint-epoch0001.pt").write_bytes(b"evil bytes" * 10)  # same size
+    (artifacts / "checkpoint-epoch0001.pt").write_bytes(b"evil bytes" * 10)  # same size
     response = client.get(url)
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "checksum_mismatch"
     assert "sha256" in response.json()["error"]["message"]
 
-    (tmp_path / "checkpoint-epoch0001.pt").unlink()
+    (artifacts / "checkpoint-epoch0001.pt").unlink()
     response = client.get(url)
     assert response.status_code == 410
     assert response.json()["error"]["code"] == "checkpoint_missing"
 
 
-def test_checkpoints_are_addressed_by_job_and_id_only(client, session, make_job, tmp_path):
+def test_checkpoints_are_addressed_by_job_and_id_only(client, session, make_job, artifacts):
     job_id, other = make_job(), make_job()
     content = b"x"
-    path, sha = write_checkpoint(tmp_path, "a.pt", content)
+    path, sha = write_checkpoint(artifacts, "a.pt", content)
     checkpoint = record(session, job_id, path, sha, content, epoch=1)
     assert client.get(f"/v1/jobs/{other}/checkpoints/{checkpoint.id}/file").status_code == 404
     assert client.get(f"/v1/jobs/{job_id}/checkpoints/999/file").status_code == 404
@@ -122,22 +132,22 @@ def test_checkpoints_are_addressed_by_job_and_id_only(client, session, make_job,
     assert response.status_code in (404, 422)
 
 
-def test_forget_and_newest_valid_checkpoint(session, make_job, tmp_path):
+def test_forget_and_newest_valid_checkpoint(session, make_job, artifacts):
     job_id = make_job()
     recorded = []
     for epoch in (1, 2, 3):
         content = f"epoch {epoch}".encode()
-        path, sha = write_checkpoint(tmp_path, f"checkpoint-epoch{epoch:04d}.pt", content)
+        path, sha = write_checkpoint(artifacts, f"checkpoint-epoch{epoch:04d}.pt", content)
         recorded.append(record(session, job_id, path, sha, content, epoch=epoch))
     assert jobs.newest_valid_checkpoint(session, job_id).id == recorded[2].id
-    (tmp_path / "checkpoint-epoch0003.pt").write_bytes(b"torn write")
+    (artifacts / "checkpoint-epoch0003.pt").write_bytes(b"torn write")
     assert jobs.newest_valid_checkpoint(session, job_id).id == recorded[1].id
     jobs.forget_checkpoint(session, job_id, path=recorded[1].path)
     assert jobs.newest_valid_checkpoint(session, job_id).id == recorded[0].id
     assert [c.epoch for c in jobs.list_checkpoints(session, job_id)] == [1, 3]
     # Re-recording the same file (a resumed run rewrote it) updates the row, no duplicate.
     content = b"epoch 3 again"
-    path, sha = write_checkpoint(tmp_path, "checkpoint-epoch0003.pt", content)
+    path, sha = write_checkpoint(artifacts, "checkpoint-epoch0003.pt", content)
     again = record(session, job_id, path, sha, content, epoch=3)
     assert again.id == recorded[2].id and again.sha256 == sha
     assert jobs.newest_valid_checkpoint(session, job_id).id == recorded[2].id
