@@ -278,9 +278,7 @@ def _explicit_fields() -> set[str]:
     """Settings given explicitly (environment), as opposed to filled from defaults."""
     from api.settings import Settings
 
-    return set(Settings.model_fields) & {
-        name for name in Settings.model_fields if f"JUMPOUT_{name.upper()}" in os.environ
-    }
+    return {name for name in Settings.model_fields if f"JUMPOUT_{name.upper()}" in os.environ}
 
 
 if __name__ == "__main__":
