@@ -16,20 +16,24 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
+
+# The dev extra must list it (schemathesis>=4.32,<5); skipped, with this reason shown, until then.
+schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
+
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
     negative_data_rejection,
     response_schema_conformance,
     status_code_conformance,
 )
 
-from api import auth, jobs
-from api.main import create_app
+from api import auth, jobs  # noqa: E402
+from api.main import create_app  # noqa: E402
 
 CHECKS = [
     not_a_server_error,
@@ -97,7 +101,7 @@ def test_every_operation_survives_fuzzing(api_schema, known, token, label):
     operation = api_schema[path][method]
     strategies = _strategies(operation, known, token[1])
 
-    @settings(
+    @hypothesis_settings(
         max_examples=EXAMPLES_PER_MODE * len(strategies),
         derandomize=True,
         database=None,
