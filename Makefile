@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test lint format services bench clean
+.PHONY: install run demo test test-slow lint format services bench bench-model bench-api clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,11 +37,21 @@ format: $(STAMP)
 services:
 	scripts/ensure-services.sh
 
+# Everything but the fault-injection tests marked `slow` (those run in `make test-slow`, and in CI).
 test: $(STAMP) services lint
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(STAMP) services
+	$(PY) -m pytest -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/layer.py
+
+bench-model: $(STAMP)
+	$(PY) benchmarks/model_step.py
+
+bench-api: $(STAMP)
+	$(PY) benchmarks/api.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
