@@ -492,6 +492,32 @@ def finish_job(
     return bool(changed)
 
 
+def requeue_job(
+    session: Session, job_id: str, *, attempt: int, error: str, count_attempt: bool
+) -> bool:
+    """Put a job that `attempt` still owns back to `queued` (the caller then enqueues it).
+
+    `requeue_stale_jobs` requeues only jobs whose heartbeat went stale; the worker's supervisor
+    knows sooner (its trainer crashed, or the worker is shutting down) and requeues at once, with
+    the reason in `error`. A shutdown is not the job's fault: `count_attempt=False` gives the
+    attempt back. False when that attempt no longer owns the job (nothing changed)."""
+    values: dict[str, Any] = {
+        "status": "queued",
+        "worker": None,
+        "heartbeat_at": None,
+        "error": error,
+    }
+    if not count_attempt:
+        values["attempt"] = Job.attempt - 1
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)
+        .values(**values)
+    ).rowcount
+    session.commit()
+    return bool(changed)
+
+
 def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int) -> list[str]:
     """Running jobs whose heartbeat is older than `timeout_s` lost their worker: put them back
     to queued (attempt unchanged; the next claim adds one) and return their ids for the caller to

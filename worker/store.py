@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import jobs
 from api.db import make_engine
 from api.settings import get_settings
 
@@ -77,31 +78,5 @@ def call(fn: Callable[..., T], *args: Any, retry_for_s: float = RETRY_FOR_S, **k
             delay = min(delay * 2, 5.0)
 
 
-def requeue_job(
-    session: Session, job_id: str, *, attempt: int, error: str, count_attempt: bool
-) -> bool:
-    """Put a job that ``attempt`` still owns back to ``queued`` (the caller then enqueues it).
-
-    ``api.jobs`` requeues only jobs whose heartbeat went stale; the supervisor knows sooner (its
-    trainer crashed, or the worker is shutting down) and requeues at once, with the reason in
-    ``error``. A shutdown is not the job's fault: ``count_attempt=False`` gives the attempt back.
-    """
-    from sqlalchemy import update
-
-    from api.models import Job
-
-    values: dict[str, Any] = {
-        "status": "queued",
-        "worker": None,
-        "heartbeat_at": None,
-        "error": error,
-    }
-    if not count_attempt:
-        values["attempt"] = Job.attempt - 1
-    changed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)
-        .values(**values)
-    ).rowcount
-    session.commit()
-    return bool(changed)
+# The supervisor's requeue lives with the other write paths; kept here under its old name.
+requeue_job = jobs.requeue_job

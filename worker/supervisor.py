@@ -192,7 +192,7 @@ def _record_outcome(
         # Not the job's fault: requeued without using up an attempt, resumes from the checkpoint
         # the trainer just wrote when the next worker starts.
         note = f"attempt {attempt} interrupted by a worker shutdown"
-        if store.call(store.requeue_job, job_id, attempt=attempt, error=note, count_attempt=False):
+        if store.call(jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=False):
             _enqueue(job_id)
         log.info("job %s: %s; requeued", job_id, note)
         return "queued"
@@ -204,7 +204,7 @@ def _record_outcome(
             log.warning("job %s attempt %d: trainer %s; requeueing", job_id, attempt, how)
             note = f"attempt {attempt}: trainer {how}: {tail}"
             if store.call(
-                store.requeue_job, job_id, attempt=attempt, error=note, count_attempt=True
+                jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=True
             ):
                 _enqueue(job_id)
             return "queued"
