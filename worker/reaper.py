@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -36,7 +37,9 @@ from worker import store
 
 log = logging.getLogger("worker.reaper")
 
-LOST_AFTER = timedelta(seconds=60)
+# How long a queued job may be missing from the broker before it is sent again. The environment
+# variable is for tests (and an operator who wants faster recovery after a Redis restart).
+LOST_AFTER = timedelta(seconds=float(os.environ.get("JUMPOUT_RECONCILE_AFTER", "60")))
 JOBS_QUEUE = "jobs"
 
 
@@ -50,10 +53,11 @@ def reap_once(
     *,
     enqueue: Callable[[str], None] = _enqueue,
     ids_in_broker: Callable[[], set[str] | None] | None = None,
-    lost_after: timedelta = LOST_AFTER,
+    lost_after: timedelta | None = None,
 ) -> dict[str, list[str]]:
     """One pass; returns the ids requeued as stale and those re-sent as lost."""
     settings = get_settings()
+    lost_after = LOST_AFTER if lost_after is None else lost_after
     stale = store.call(
         jobs.requeue_stale_jobs,
         timeout_s=settings.heartbeat_timeout,
@@ -67,7 +71,7 @@ def reap_once(
     lost: list[str] = []
     waiting = store.call(_queued_before, datetime.now(UTC) - lost_after)
     if waiting:
-        known = (ids_in_broker or _ids_in_broker)()
+        known = (ids_in_broker or (lambda: _ids_in_broker(lost_after.total_seconds())))()
         if known is not None:
             lost = [job_id for job_id in waiting if job_id not in known and job_id not in stale]
             for job_id in lost:
@@ -81,7 +85,7 @@ def _queued_before(session, cutoff: datetime) -> list[str]:
     return list(session.scalars(query))
 
 
-def _ids_in_broker(recent_s: float = LOST_AFTER.total_seconds()) -> set[str] | None:
+def _ids_in_broker(recent_s: float | None = None) -> set[str] | None:
     """Job ids of the ``run_job`` messages waiting in Redis, or delivered in the last
     ``recent_s`` seconds and not yet acknowledged (a worker is about to claim them).
 
@@ -91,6 +95,7 @@ def _ids_in_broker(recent_s: float = LOST_AFTER.total_seconds()) -> set[str] | N
     """
     import redis
 
+    recent_s = LOST_AFTER.total_seconds() if recent_s is None else recent_s
     url = get_settings().broker_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
