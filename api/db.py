@@ -29,9 +29,10 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # One engine per (url, process): pooled connections must never cross a fork.
 _engines: dict[tuple[str, int], Engine] = {}
 _sessionmakers: dict[tuple[str, int], sessionmaker[Session]] = {}
+_read_engines: dict[tuple[str, int], Engine] = {}
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
         # Stop pysqlite from issuing its own (deferred) BEGIN; the "begin" hook below does it.
@@ -41,15 +42,22 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        if read_only:
+            # A read connection that tried to write would be a bug: make it fail loudly.
+            cursor.execute("PRAGMA query_only=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads take a deferred BEGIN: in WAL mode they see a snapshot and neither wait for nor
+        # block the writers (BEGIN IMMEDIATE on every read serialised the API's reads behind the
+        # worker's writes and each other).
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def make_engine(url: str | None = None) -> Engine:
-    """A new engine for `url` (default: settings.database_url), configured for this project."""
+def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
+    """A new engine for `url` (default: settings.database_url), configured for this project.
+    `read_only` (SQLite only): deferred transactions, `PRAGMA query_only`: for the API's reads."""
     settings = get_settings()
     url = url or settings.database_url
     parsed = make_url(url)
@@ -63,7 +71,7 @@ def make_engine(url: str | None = None) -> Engine:
             max_overflow=settings.db_max_overflow,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, read_only=read_only)
         return engine
     return create_engine(
         url,
@@ -82,6 +90,19 @@ def get_engine(url: str | None = None) -> Engine:
     return engine
 
 
+def get_read_engine(url: str | None = None) -> Engine:
+    """The shared engine of this process for read-only work (`api.queries`): on SQLite a second
+    pool whose transactions are deferred and read-only; on PostgreSQL the same as `get_engine`."""
+    key = (url or get_settings().database_url, os.getpid())
+    engine = _read_engines.get(key)
+    if engine is None:
+        if make_url(key[0]).get_backend_name() == "sqlite":
+            engine = _read_engines[key] = make_engine(key[0], read_only=True)
+        else:
+            engine = _read_engines[key] = get_engine(key[0])
+    return engine
+
+
 def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
     key = (url or get_settings().database_url, os.getpid())
     factory = _sessionmakers.get(key)
@@ -93,10 +114,11 @@ def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
 
 def dispose_engines() -> None:
     """Close every pooled connection of this process (tests; after a fork use a fresh process)."""
-    for (_, pid), engine in list(_engines.items()):
+    for (_, pid), engine in [*_engines.items(), *_read_engines.items()]:
         if pid == os.getpid():
             engine.dispose()
     _engines.clear()
+    _read_engines.clear()
     _sessionmakers.clear()
 
 

@@ -1,4 +1,5 @@
-"""FastAPI dependencies, as `Annotated` aliases: `SessionDep`, `SettingsDep`, `TokenDep`."""
+"""FastAPI dependencies, as `Annotated` aliases: `SessionDep`, `SettingsDep`, `TokenDep`,
+`BearerDep`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(auto_error=False, description="an API token: `python -m api token create`")
+
+# The presented token, unchecked (it declares the security scheme in the OpenAPI schema): for the
+# read routes that check it with `api.queries.principal` on their own connection.
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 def get_principal(

@@ -1,0 +1,283 @@
+"""The API's hot read paths: job status, a job's metrics, the job list, the caller's token.
+
+These are what clients poll, so they skip the ORM and pydantic: SQLAlchemy Core selects of the
+needed columns on a read-only connection (`api.db.get_read_engine`: on SQLite a deferred
+transaction, so a read never waits for the write lock), response bodies built as dicts and
+serialised once with orjson. The shapes are exactly `api.schemas.JobRead`, `JobsPage` and
+`MetricsPage` (the routes still declare those models, so the OpenAPI schema is unchanged;
+tests/api/test_queries.py checks the bytes against the pydantic models).
+
+A job's metrics body is cached per job. The cache key is read from the database on every request
+(one indexed aggregate query): the number of epoch rows and their newest `created_at`.
+`api.jobs.record_epoch` stamps `created_at` on insert and on every upsert, so a new epoch changes
+the count and a rewritten one (a resumed run repeating an epoch) moves the newest timestamp; the
+key can only miss a rewrite if the writer's clock is behind the previous write's, which a resume
+(after a heartbeat timeout) does not reach.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, and_, bindparam, func, or_, select
+
+from api.auth import ANONYMOUS, Principal, hash_token
+from api.db import get_read_engine
+from api.errors import JobNotFound, Unauthorized
+from api.jobs import _decode_cursor, _encode_cursor, _is_job_id
+from api.models import ApiToken, EpochMetric, Job
+from api.settings import get_settings
+
+JSON_OPTIONS = orjson.OPT_UTC_Z  # "2026-01-01T00:00:00Z", as pydantic writes UTC datetimes
+
+METRICS_CACHE_SIZE = 256  # jobs; a 200-epoch body is about 60 kB
+
+_JOB_COLUMNS = (
+    Job.id,
+    Job.status,
+    Job.method,
+    Job.dataset,
+    Job.architecture,
+    Job.spec,
+    Job.epoch,
+    Job.epochs,
+    Job.epoch_seconds,
+    Job.attempt,
+    Job.max_attempts,
+    Job.error,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.final_accuracy,
+    Job.best_accuracy,
+    Job.best_epoch,
+    Job.device,
+    Job.worker,
+    ApiToken.name.label("owner"),
+    Job.cancel_requested,
+)
+_JOBS = select(*_JOB_COLUMNS).outerjoin(ApiToken, Job.owner_id == ApiToken.id)
+_JOB_BY_ID = _JOBS.where(Job.id == bindparam("job_id"))
+
+_METRIC_COLUMNS = (
+    EpochMetric.epoch,
+    EpochMetric.train_loss,
+    EpochMetric.train_accuracy,
+    EpochMetric.test_loss,
+    EpochMetric.test_accuracy,
+    EpochMetric.lr,
+    EpochMetric.seconds,
+    EpochMetric.images_per_second,
+    EpochMetric.layers,
+)
+_METRICS = (
+    select(*_METRIC_COLUMNS)
+    .where(EpochMetric.job_id == bindparam("job_id"))
+    .order_by(EpochMetric.epoch)
+)
+# The job's existence and its metrics' cache key in one statement.
+_METRICS_KEY = select(
+    Job.id,
+    select(func.count())
+    .where(EpochMetric.job_id == Job.id)
+    .correlate(Job)
+    .scalar_subquery()
+    .label("rows"),
+    select(func.max(EpochMetric.created_at))
+    .where(EpochMetric.job_id == Job.id)
+    .correlate(Job)
+    .scalar_subquery()
+    .label("newest"),
+).where(Job.id == bindparam("job_id"))
+
+_TOKEN_BY_HASH = select(
+    ApiToken.id, ApiToken.name, ApiToken.is_admin, ApiToken.token_hash, ApiToken.revoked_at
+).where(ApiToken.token_hash == bindparam("digest"))
+
+
+@contextmanager
+def read_connection() -> Iterator[Connection]:
+    """A connection in a read-only transaction (one snapshot for every query in the block)."""
+    with get_read_engine().connect() as connection, connection.begin():
+        yield connection
+
+
+# --- the caller ------------------------------------------------------------------------------
+
+
+def principal(connection: Connection, token: str | None) -> Principal:
+    """Who is calling, as `api.deps.get_principal` decides it: a presented token must be valid
+    (looked up on every request, so a revocation takes effect on the next one); without one the
+    caller is anonymous, or `Unauthorized` when `auth_required`."""
+    if not token:
+        if get_settings().auth_required:
+            raise Unauthorized("missing API token: send 'Authorization: Bearer <token>'")
+        return ANONYMOUS
+    digest = hash_token(token)
+    row = connection.execute(_TOKEN_BY_HASH, {"digest": digest}).first()
+    if row is None or not secrets.compare_digest(row.token_hash, digest):
+        raise Unauthorized("invalid API token")
+    if row.revoked_at is not None:
+        raise Unauthorized("this API token has been revoked")
+    return Principal(id=row.id, name=row.name, is_admin=row.is_admin)
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+def job_dict(row: Any) -> dict[str, Any]:
+    """A `JobRead` as a dict of JSON values (datetimes left for orjson), from a `_JOBS` row."""
+    epochs = row.epochs or 0
+    fraction = min(1.0, row.epoch / epochs) if epochs else 0.0
+    eta = None
+    if row.status == "running" and row.epoch_seconds is not None:
+        eta = float(max(0, epochs - row.epoch) * row.epoch_seconds)
+    elif row.status == "succeeded":
+        eta = 0.0
+    return {
+        "id": row.id,
+        "status": row.status,
+        "method": row.method,
+        "dataset": row.dataset,
+        "architecture": row.architecture,
+        "spec": row.spec,
+        "progress": {
+            "epoch": row.epoch,
+            "epochs": epochs,
+            "fraction": float(fraction),
+            "eta_seconds": eta,
+        },
+        "attempt": row.attempt,
+        "max_attempts": row.max_attempts,
+        "error": row.error,
+        "created_at": row.created_at,
+        "started_at": row.started_at,
+        "finished_at": row.finished_at,
+        "result": {
+            "final_accuracy": row.final_accuracy,
+            "best_accuracy": row.best_accuracy,
+            "best_epoch": row.best_epoch,
+        },
+        "device": row.device,
+        "worker": row.worker,
+        "owner": row.owner,
+        "cancel_requested": bool(row.cancel_requested),
+    }
+
+
+def job_json(connection: Connection, job_id: str) -> bytes:
+    """The `JobRead` body of a job; raises `JobNotFound`."""
+    if not _is_job_id(job_id):
+        raise JobNotFound(job_id[:64])
+    row = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
+    if row is None:
+        raise JobNotFound(job_id)
+    return orjson.dumps(job_dict(row), option=JSON_OPTIONS)
+
+
+def jobs_page_json(
+    connection: Connection,
+    *,
+    status: str | None = None,
+    method: str | None = None,
+    dataset: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> bytes:
+    """A `JobsPage` body: newest first, keyset pagination as in `api.jobs.list_jobs`."""
+    query = _JOBS.order_by(Job.created_at.desc(), Job.id.desc())
+    if status is not None:
+        query = query.where(Job.status == status)
+    if method is not None:
+        query = query.where(Job.method == method)
+    if dataset is not None:
+        query = query.where(Job.dataset == dataset)
+    if cursor:
+        created, last_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+        )
+    rows = connection.execute(query.limit(limit + 1)).all()
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    body = {"items": [job_dict(row) for row in rows[:limit]], "next_cursor": next_cursor}
+    return orjson.dumps(body, option=JSON_OPTIONS)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class _MetricsCache:
+    """(database, job id) -> (key, body), least recently used dropped first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[str, str], tuple[Any, bytes]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, name: tuple[str, str], key: Any) -> bytes | None:
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None or entry[0] != key:
+                return None
+            self.entries.move_to_end(name)
+            return entry[1]
+
+    def put(self, name: tuple[str, str], key: Any, body: bytes) -> None:
+        with self.lock:
+            self.entries[name] = (key, body)
+            self.entries.move_to_end(name)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+metrics_cache = _MetricsCache(METRICS_CACHE_SIZE)
+
+
+def _layer(layer: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": str(layer.get("name")),
+        "active_fraction": layer.get("active_fraction"),
+        "rate": layer.get("rate"),
+    }
+
+
+def metrics_json(connection: Connection, job_id: str) -> bytes:
+    """The `MetricsPage` body of a job (epochs in order); raises `JobNotFound`."""
+    if not _is_job_id(job_id):
+        raise JobNotFound(job_id[:64])
+    current = connection.execute(_METRICS_KEY, {"job_id": job_id}).first()
+    if current is None:
+        raise JobNotFound(job_id)
+    name = (str(connection.engine.url), job_id)
+    key = (current.rows, current.newest)
+    body = metrics_cache.get(name, key)
+    if body is not None:
+        return body
+    items = [
+        {
+            "epoch": row.epoch,
+            "train_loss": row.train_loss,
+            "train_accuracy": row.train_accuracy,
+            "test_loss": row.test_loss,
+            "test_accuracy": row.test_accuracy,
+            "lr": row.lr,
+            "seconds": row.seconds,
+            "images_per_second": row.images_per_second,
+            "layers": [_layer(layer) for layer in row.layers or ()],
+        }
+        for row in connection.execute(_METRICS, {"job_id": job_id})
+    ]
+    body = orjson.dumps({"items": items}, option=JSON_OPTIONS)
+    # Same snapshot as the key (one transaction), so the body matches the key it is stored under.
+    metrics_cache.put(name, key, body)
+    return body
