@@ -12,11 +12,11 @@ synchronisation would abort the run.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from _machine import machine_name
 from torch import nn
 
 from jumpout import Jumpout
@@ -29,22 +29,6 @@ class ScalarMultiply(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return input * 1.5
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{cpu}, {threads} threads, torch {torch.__version__}"
 
 
 def saved_bytes(layer: nn.Module, input: torch.Tensor) -> int:

@@ -13,12 +13,12 @@ recipe's 128. Times on CUDA come from CUDA events.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from _machine import machine_name
 
 from jumpout.models import Regularizer, create_model
 
@@ -27,22 +27,6 @@ MODELS = {
     "cnn_small": (3, 32, 32, 128, 0.5),
     "wrn_16_8": (3, 32, 8, 128, 0.3),
 }
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{cpu} ({platform.machine()}), {threads} threads, torch {torch.__version__}"
 
 
 def build(name: str, kind: str, rate: float, device: torch.device):
