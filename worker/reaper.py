@@ -40,6 +40,11 @@ log = logging.getLogger("worker.reaper")
 # How long a queued job may be missing from the broker before it is sent again. The environment
 # variable is for tests (and an operator who wants faster recovery after a Redis restart).
 LOST_AFTER = timedelta(seconds=float(os.environ.get("JUMPOUT_RECONCILE_AFTER", "60")))
+# A delivered, unacknowledged message younger than this belongs to a live worker about to claim
+# its job (a loaded machine can take seconds to fork the pool process and claim); an older one,
+# of a job still queued, to a dead worker. Not tied to LOST_AFTER: a short reconcile delay must
+# not make a slow claim look lost.
+UNACKED_RECENT = timedelta(seconds=60)
 JOBS_QUEUE = "jobs"
 
 
@@ -71,7 +76,7 @@ def reap_once(
     lost: list[str] = []
     waiting = store.call(_queued_before, datetime.now(UTC) - lost_after)
     if waiting:
-        known = (ids_in_broker or (lambda: _ids_in_broker(lost_after.total_seconds())))()
+        known = (ids_in_broker or _ids_in_broker)()
         if known is not None:
             lost = [job_id for job_id in waiting if job_id not in known and job_id not in stale]
             for job_id in lost:
@@ -85,7 +90,7 @@ def _queued_before(session, cutoff: datetime) -> list[str]:
     return list(session.scalars(query))
 
 
-def _ids_in_broker(recent_s: float | None = None) -> set[str] | None:
+def _ids_in_broker(recent_s: float = UNACKED_RECENT.total_seconds()) -> set[str] | None:
     """Job ids of the ``run_job`` messages waiting in Redis, or delivered in the last
     ``recent_s`` seconds and not yet acknowledged (a worker is about to claim them).
 
@@ -95,7 +100,6 @@ def _ids_in_broker(recent_s: float | None = None) -> set[str] | None:
     """
     import redis
 
-    recent_s = LOST_AFTER.total_seconds() if recent_s is None else recent_s
     url = get_settings().broker_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
