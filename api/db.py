@@ -47,17 +47,20 @@ def _configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
             cursor.execute("PRAGMA query_only=ON")
         cursor.close()
 
+    if read_only:
+        # No BEGIN at all: each statement is its own read transaction, which in WAL mode reads a
+        # snapshot and neither waits for nor blocks the writers (BEGIN IMMEDIATE on every read
+        # had serialised the API's reads behind the worker's writes and each other).
+        return
+
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:
-        # Reads take a deferred BEGIN: in WAL mode they see a snapshot and neither wait for nor
-        # block the writers (BEGIN IMMEDIATE on every read serialised the API's reads behind the
-        # worker's writes and each other).
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
     """A new engine for `url` (default: settings.database_url), configured for this project.
-    `read_only` (SQLite only): deferred transactions, `PRAGMA query_only`: for the API's reads."""
+    `read_only` (SQLite only): autocommit reads, `PRAGMA query_only`: for the API's reads."""
     settings = get_settings()
     url = url or settings.database_url
     parsed = make_url(url)
@@ -91,15 +94,17 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def get_read_engine(url: str | None = None) -> Engine:
-    """The shared engine of this process for read-only work (`api.queries`): on SQLite a second
-    pool whose transactions are deferred and read-only; on PostgreSQL the same as `get_engine`."""
+    """The shared engine of this process for reads that need no transaction (`api.queries`):
+    every statement commits on its own, which saves the BEGIN and COMMIT round trips. On SQLite
+    a second pool of query-only connections; on PostgreSQL `get_engine`'s pool in autocommit."""
     key = (url or get_settings().database_url, os.getpid())
     engine = _read_engines.get(key)
     if engine is None:
         if make_url(key[0]).get_backend_name() == "sqlite":
-            engine = _read_engines[key] = make_engine(key[0], read_only=True)
+            engine = make_engine(key[0], read_only=True)
         else:
-            engine = _read_engines[key] = get_engine(key[0])
+            engine = get_engine(key[0]).execution_options(isolation_level="AUTOCOMMIT")
+        _read_engines[key] = engine
     return engine
 
 

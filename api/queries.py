@@ -103,8 +103,9 @@ _TOKEN_BY_HASH = select(
 
 @contextmanager
 def read_connection() -> Iterator[Connection]:
-    """A connection in a read-only transaction (one snapshot for every query in the block)."""
-    with get_read_engine().connect() as connection, connection.begin():
+    """A connection on which each statement is its own read transaction (no BEGIN, no COMMIT:
+    see `api.db.get_read_engine`). Nothing here needs two statements to share a snapshot."""
+    with get_read_engine().connect() as connection:
         yield connection
 
 
@@ -278,6 +279,8 @@ def metrics_json(connection: Connection, job_id: str) -> bytes:
         for row in connection.execute(_METRICS, {"job_id": job_id})
     ]
     body = orjson.dumps({"items": items}, option=JSON_OPTIONS)
-    # Same snapshot as the key (one transaction), so the body matches the key it is stored under.
+    # The rows were read after the key, so they are at least as new as it: a write in between
+    # stores a newer body under the older key, and the next request, reading the new key,
+    # refetches. The cache never holds a body older than its key.
     metrics_cache.put(name, key, body)
     return body
