@@ -17,10 +17,13 @@ Measured:
 * submit to ``running`` with an idle worker: ``started_at - created_at`` as the server records
   them (claim by the worker), for a few tiny jobs one after another.
 
-Prints a markdown table naming the machine. The client shares the machine with the server.
+Prints a markdown table naming the machine. The client shares the machine with the server: on a
+small machine the Python load generator takes CPU the server would use, so ``--wrk`` adds
+closed-loop rows measured with wrk (a C load generator, ``apt-get install wrk``) when installed.
 
     python benchmarks/api.py                 # own stack, SQLite, 10 s per measurement
     python benchmarks/api.py --seconds 3     # a quick check
+    python benchmarks/api.py --wrk           # also the closed loop with wrk
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -265,6 +270,30 @@ async def open_loop(url: str, path: str, headers: dict, *, rate: float, seconds:
     return {"rps": len(latencies) / elapsed, "latencies": latencies, "errors": errors}
 
 
+def wrk_closed_loop(url: str, path: str, headers: dict, *, connections: int, seconds: float):
+    """The closed loop with wrk (one thread: the server needs the other cores)."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    out = subprocess.run(argv + [url + path], capture_output=True, text=True, check=True).stdout
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+    def latency(label: str) -> float:
+        value, unit = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * units[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "errors": (int(errors.group(1)) if errors else 0)
+        + (sum(int(n) for n in re.findall(r"\d+", socket_errors.group(1))) if socket_errors else 0),
+    }
+
+
 def submit_to_running(url: str, headers: dict, *, samples: int) -> list[float]:
     """Server-side seconds from created_at to started_at, each job submitted to an idle worker."""
     seconds = []
@@ -285,7 +314,10 @@ def submit_to_running(url: str, headers: dict, *, samples: int) -> list[float]:
                 created = datetime.fromisoformat(current["created_at"].replace("Z", "+00:00"))
                 started = datetime.fromisoformat(current["started_at"].replace("Z", "+00:00"))
                 seconds.append((started - created).total_seconds())
-            time.sleep(1.0)  # let the worker replace its pool process: idle again
+            # With worker_max_tasks_per_child=1 the pool process that ran the last job exits and
+            # Celery forks its replacement on a 5 s maintenance timer, so a job submitted within
+            # 5 s of the last one's end can wait up to that long for a pool process.
+            time.sleep(1.0)
     return seconds
 
 
@@ -302,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rate", type=float, default=200.0, help="offered requests/s")
     parser.add_argument("--submits", type=int, default=5, help="submit-to-running samples")
+    parser.add_argument("--wrk", action="store_true", help="also the closed loop with wrk")
     args = parser.parse_args(argv)
 
     stack = None if args.url else OwnStack(args.database_url)
@@ -318,6 +351,17 @@ def main(argv: list[str] | None = None) -> int:
             closed = asyncio.run(
                 closed_loop(url, path, headers, connections=args.connections, seconds=args.seconds)
             )
+            if args.wrk and shutil.which("wrk"):
+                by_wrk = wrk_closed_loop(
+                    url, path, headers, connections=args.connections, seconds=args.seconds
+                )
+                rows.append(
+                    f"| {label} | closed loop, {args.connections} connections, wrk | "
+                    f"{by_wrk['rps']:.0f} | {ms(by_wrk['p50'])} | {ms(by_wrk['p99'])} | "
+                    f"{by_wrk['errors']} |"
+                )
+            elif args.wrk:
+                print("wrk is not installed (apt-get install wrk): no wrk rows", file=sys.stderr)
             rows.append(
                 f"| {label} | closed loop, {args.connections} connections | "
                 f"{closed['rps']:.0f} | {ms(percentile(closed['latencies'], 50))} | "
