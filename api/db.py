@@ -60,7 +60,7 @@ def _configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
 
 def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
     """A new engine for `url` (default: settings.database_url), configured for this project.
-    `read_only` (SQLite only): autocommit reads, `PRAGMA query_only`: for the API's reads."""
+    `read_only`: autocommit, for the API's reads (`get_read_engine`)."""
     settings = get_settings()
     url = url or settings.database_url
     parsed = make_url(url)
@@ -76,6 +76,15 @@ def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
         )
         _configure_sqlite(engine, read_only=read_only)
         return engine
+    if read_only:
+        # No pre-ping round trip per checkout: `api.queries.read` retries once on a connection
+        # found dead (SQLAlchemy then invalidates the pool), which is all a read needs.
+        return create_engine(
+            url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            isolation_level="AUTOCOMMIT",
+        )
     return create_engine(
         url,
         pool_size=settings.db_pool_size,
@@ -95,16 +104,12 @@ def get_engine(url: str | None = None) -> Engine:
 
 def get_read_engine(url: str | None = None) -> Engine:
     """The shared engine of this process for reads that need no transaction (`api.queries`):
-    every statement commits on its own, which saves the BEGIN and COMMIT round trips. On SQLite
-    a second pool of query-only connections; on PostgreSQL `get_engine`'s pool in autocommit."""
+    every statement commits on its own, which saves the BEGIN and COMMIT round trips. A second
+    pool: on SQLite of query-only connections, on PostgreSQL in autocommit without pre-ping."""
     key = (url or get_settings().database_url, os.getpid())
     engine = _read_engines.get(key)
     if engine is None:
-        if make_url(key[0]).get_backend_name() == "sqlite":
-            engine = make_engine(key[0], read_only=True)
-        else:
-            engine = get_engine(key[0]).execution_options(isolation_level="AUTOCOMMIT")
-        _read_engines[key] = engine
+        engine = _read_engines[key] = make_engine(key[0], read_only=True)
     return engine
 
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import Connection, and_, bindparam, func, or_, select
+from sqlalchemy.exc import DBAPIError
 
 from api.auth import ANONYMOUS, Principal, hash_token
 from api.db import get_read_engine
@@ -33,6 +34,8 @@ from api.errors import JobNotFound, Unauthorized
 from api.jobs import _decode_cursor, _encode_cursor, _is_job_id
 from api.models import ApiToken, EpochMetric, Job
 from api.settings import get_settings
+
+T = TypeVar("T")
 
 JSON_OPTIONS = orjson.OPT_UTC_Z  # "2026-01-01T00:00:00Z", as pydantic writes UTC datetimes
 
@@ -107,6 +110,19 @@ def read_connection() -> Iterator[Connection]:
     see `api.db.get_read_engine`). Nothing here needs two statements to share a snapshot."""
     with get_read_engine().connect() as connection:
         yield connection
+
+
+def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(connection, *args, **kwargs)` on a read connection; once more on a fresh connection
+    when the first turned out dead (a restarted PostgreSQL: the read pool does not pre-ping)."""
+    try:
+        with read_connection() as connection:
+            return fn(connection, *args, **kwargs)
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+    with read_connection() as connection:
+        return fn(connection, *args, **kwargs)
 
 
 # --- the caller ------------------------------------------------------------------------------

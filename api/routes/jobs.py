@@ -30,8 +30,15 @@ def _json(body: bytes) -> Response:
     return Response(content=body, media_type="application/json")
 
 
-def _token(credentials) -> str | None:
-    return credentials.credentials if credentials is not None else None
+def _read(credentials, body_of, *args, **kwargs) -> Response:
+    """Check the caller's token and build a body on one read connection (`api.queries`)."""
+
+    def run(connection) -> bytes:
+        token = credentials.credentials if credentials is not None else None
+        queries.principal(connection, token)
+        return body_of(connection, *args, **kwargs)
+
+    return _json(queries.read(run))
 
 
 @router.post(
@@ -58,20 +65,20 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$")] = None,
 ):
     # async and no threadpool hop: these reads take well under a millisecond (api.queries).
-    with queries.read_connection() as connection:
-        queries.principal(connection, _token(credentials))
-        body = queries.jobs_page_json(
-            connection, status=status, method=method, dataset=dataset, limit=limit, cursor=cursor
-        )
-    return _json(body)
+    return _read(
+        credentials,
+        queries.jobs_page_json,
+        status=status,
+        method=method,
+        dataset=dataset,
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 @router.get("/{job_id}", response_model=JobRead, responses=error_responses(401, 404, 422))
 async def read_job(job_id: str, credentials: BearerDep):
-    with queries.read_connection() as connection:
-        queries.principal(connection, _token(credentials))
-        body = queries.job_json(connection, job_id)
-    return _json(body)
+    return _read(credentials, queries.job_json, job_id)
 
 
 @router.post(
@@ -88,10 +95,7 @@ def cancel_job(job_id: str, session: SessionDep, token: TokenDep):
     "/{job_id}/metrics", response_model=MetricsPage, responses=error_responses(401, 404, 422)
 )
 async def read_metrics(job_id: str, credentials: BearerDep):
-    with queries.read_connection() as connection:
-        queries.principal(connection, _token(credentials))
-        body = queries.metrics_json(connection, job_id)
-    return _json(body)
+    return _read(credentials, queries.metrics_json, job_id)
 
 
 @router.get(

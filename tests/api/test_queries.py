@@ -144,3 +144,24 @@ def test_reads_do_not_wait_for_a_writer(client, settings, session, make_job):
         assert body["error"] is None  # the committed state
     finally:
         session.rollback()
+
+
+def test_reads_survive_a_postgresql_restart(client, settings, make_job):
+    """The read pool does not pre-ping; a connection found dead is replaced and the read retried."""
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL connections")
+    from sqlalchemy import text
+
+    from api import db
+
+    job_id = make_job()
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # the read pool holds one now
+    with db.get_engine().connect() as admin:
+        admin.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/metrics", "/v1/jobs"):
+        assert client.get(path).status_code == 200
