@@ -456,7 +456,7 @@ def test_cancel_in_every_state(stack):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_burst_of_1000_submissions_from_20_clients(service_kit, tmp_path):
     with contextlib.ExitStack() as cleanup:
         stack = make_stack(service_kit, tmp_path, f"sqlite:///{tmp_path / 'jumpout.db'}", cleanup)
@@ -493,9 +493,9 @@ def test_burst_of_1000_submissions_from_20_clients(service_kit, tmp_path):
                 break
         assert listed == set(ids)
 
-        # A handful run; the rest are cancelled.
+        # A handful run (5); the rest are cancelled.
         wait_until(
-            lambda: sum(stack.job(i)["status"] == "succeeded" for i in ids[:60]) >= 3,
+            lambda: sum(stack.job(i)["status"] == "succeeded" for i in ids[:60]) >= 5,
             timeout=180, what="a few jobs to run", every=1.0,
         )  # fmt: skip
         for job_id in ids:
@@ -507,9 +507,21 @@ def test_burst_of_1000_submissions_from_20_clients(service_kit, tmp_path):
         counts = collections.Counter(job["status"] for job in final)
         print(f"\nBURST outcome: {dict(counts)}")
         assert set(counts) <= {"succeeded", "cancelled"}, counts
-        assert counts["succeeded"] >= 3
+        assert counts["succeeded"] >= 5
         assert all(job["attempt"] <= 1 for job in final)
         for job in final:
             if job["attempt"]:
                 epochs = epochs_recorded(stack, job["id"])
                 assert len(epochs) == len(set(epochs)), job["id"]
+
+        # The worker still consumes every cancelled job's message, one pool process each (Celery
+        # replaces an exited pool process within 0.2-5 s: its maintain_pool timer is 5 s), so a
+        # full drain of 995 takes over an hour. Watch it for a minute: none of them runs.
+        client = stack.redis.client()
+        backlog = client.llen("jobs")
+        time.sleep(60)
+        consumed = backlog - client.llen("jobs")
+        print(f"\nBURST {consumed} cancelled jobs' messages consumed in 60 s, none ran")
+        assert consumed > 0
+        after = {job["id"]: (job["status"], job["attempt"]) for job in map(stack.job, ids)}
+        assert after == {job["id"]: (job["status"], job["attempt"]) for job in final}
