@@ -63,7 +63,11 @@ def forget_inherited_connections() -> None:
 
 
 def on_shutdown_signal(signum: int, frame: object) -> None:
-    """SIGUSR2 from the Celery parent's warm shutdown: stop the trainer (it checkpoints)."""
+    """SIGUSR2 from the Celery parent's warm shutdown: stop the trainer (it checkpoints).
+
+    The flag stays set for the rest of this pool process's life, which ends with the worker: a
+    worker in warm shutdown starts no new task, and one that did would stop it at once.
+    """
     global _shutdown_requested
     _shutdown_requested = True
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-# Imported in the worker's parent, before the pool forks: every pool process serves one task
-# (max-tasks-per-child 1), and re-importing SQLAlchemy and the API modules in each one cost about
-# 0.6 s per message, so a backlog of cancelled jobs drained at under two messages a second. Safe:
+# Imported in the worker's parent, before the pool forks, so that a pool process (re)started by
+# Celery does not pay about 0.6 s re-importing SQLAlchemy and the API modules. Safe:
 # nothing here imports torch or jumpout (test_the_worker_parent_never_imports_torch), and the
 # store opens its database engine lazily, per process.
 from worker import supervisor

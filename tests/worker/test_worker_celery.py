@@ -21,7 +21,8 @@ def test_delivery_settings_suit_long_gpu_jobs():
     assert conf.task_acks_late is True
     assert conf.worker_prefetch_multiplier == 1
     assert conf.worker_concurrency == 1
-    assert conf.worker_max_tasks_per_child == 1
+    # The pool process only supervises (the trainer owns CUDA), so it serves many tasks.
+    assert conf.worker_max_tasks_per_child is None
     assert conf.worker_pool == "prefork"
     assert conf.task_serializer == "json" and conf.accept_content == ["json"]
     assert conf.task_ignore_result is True
