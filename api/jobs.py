@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from api.errors import (
@@ -197,19 +197,18 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         ) from None
 
 
-def list_jobs(
-    session: Session,
+def filter_jobs(
+    query: Select,
     *,
     status: str | None = None,
     method: str | None = None,
     dataset: str | None = None,
     owner_id: int | None = None,
-    limit: int = 50,
     cursor: str | None = None,
-) -> tuple[list[Job], str | None]:
-    """Jobs newest first, filtered; returns (page, next_cursor or None). Keyset pagination on
-    (created_at, id), so pages stay stable while jobs are being submitted."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+) -> Select:
+    """Newest first, filtered, from the cursor on: keyset pagination on (created_at, id), so
+    pages stay stable while jobs are being submitted. Shared by the ORM and the fast read path."""
+    query = query.order_by(Job.created_at.desc(), Job.id.desc())
     if status is not None:
         query = query.where(Job.status == status)
     if method is not None:
@@ -223,6 +222,24 @@ def list_jobs(
         query = query.where(
             or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
         )
+    return query
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None = None,
+    method: str | None = None,
+    dataset: str | None = None,
+    owner_id: int | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Jobs newest first, filtered; returns (page, next_cursor or None). Keyset pagination on
+    (created_at, id), so pages stay stable while jobs are being submitted."""
+    query = filter_jobs(
+        select(Job), status=status, method=method, dataset=dataset, owner_id=owner_id, cursor=cursor
+    )
     jobs = list(session.scalars(query.limit(limit + 1)).unique())
     session.commit()
     next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None

@@ -25,13 +25,13 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Connection, and_, bindparam, func, or_, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.exc import DBAPIError
 
 from api.auth import ANONYMOUS, Principal, hash_token
 from api.db import get_read_engine
 from api.errors import JobNotFound, Unauthorized
-from api.jobs import _decode_cursor, _encode_cursor, _is_job_id
+from api.jobs import _encode_cursor, _is_job_id, filter_jobs
 from api.models import ApiToken, EpochMetric, Job
 from api.settings import get_settings
 
@@ -208,18 +208,7 @@ def jobs_page_json(
     cursor: str | None = None,
 ) -> bytes:
     """A `JobsPage` body: newest first, keyset pagination as in `api.jobs.list_jobs`."""
-    query = _JOBS.order_by(Job.created_at.desc(), Job.id.desc())
-    if status is not None:
-        query = query.where(Job.status == status)
-    if method is not None:
-        query = query.where(Job.method == method)
-    if dataset is not None:
-        query = query.where(Job.dataset == dataset)
-    if cursor:
-        created, last_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
-        )
+    query = filter_jobs(_JOBS, status=status, method=method, dataset=dataset, cursor=cursor)
     rows = connection.execute(query.limit(limit + 1)).all()
     next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     body = {"items": [job_dict(row) for row in rows[:limit]], "next_cursor": next_cursor}
