@@ -238,6 +238,26 @@ class Stack:
                 raise AssertionError(f"job {job_id} stuck: {job}\n{self.diagnostics(job_id)}")
             time.sleep(0.2)
 
+    def wait_running(
+        self, job_id: str, epoch: int, *, attempt: int | None = None, timeout: float = 90.0
+    ) -> dict:
+        """Wait until the job runs (as `attempt`, if given) with at least `epoch` epochs done."""
+
+        def running(job: dict) -> bool:
+            return (
+                job["status"] == "running"
+                and job["progress"]["epoch"] >= epoch
+                and (attempt is None or job["attempt"] == attempt)
+            )
+
+        return self.wait_for(job_id, running, timeout=timeout)
+
+    def epochs(self, job_id: str) -> list[int]:
+        """The epochs of the job's metrics, in order, as the API serves them."""
+        response = self.client.get(f"/v1/jobs/{job_id}/metrics")
+        assert response.status_code == 200, response.text
+        return [row["epoch"] for row in response.json()["items"]]
+
     def wait_finished(self, job_id: str, **kwargs) -> dict:
         return self.wait_for(job_id, lambda job: job["status"] in FINISHED, **kwargs)
 

@@ -81,23 +81,6 @@ def wait_until(condition, *, timeout: float, what: str, every: float = 0.1):
         time.sleep(every)
 
 
-def running_at(epoch: int, attempt: int | None = None):
-    def check(job: dict) -> bool:
-        return (
-            job["status"] == "running"
-            and job["progress"]["epoch"] >= epoch
-            and (attempt is None or job["attempt"] == attempt)
-        )
-
-    return check
-
-
-def epochs_recorded(stack, job_id: str) -> list[int]:
-    response = stack.client.get(f"/v1/jobs/{job_id}/metrics")
-    assert response.status_code == 200, response.text
-    return [row["epoch"] for row in response.json()["items"]]
-
-
 def checkpoints(stack, job_id: str) -> list[dict]:
     return stack.client.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"]
 
@@ -167,16 +150,16 @@ def flip_byte(path: Path, offset: int = 200) -> None:
 def test_trainer_sigkill_resumes_and_gives_the_same_weights_as_an_uninterrupted_run(stack):
     spec = {"dataset": "digits", "architecture": "mlp", "epochs": 8, "seed": 1234}
     job = stack.submit(**spec)
-    stack.wait_for(job["id"], running_at(3))
+    stack.wait_running(job["id"], 3)
     kill_trainer(stack, job["id"])  # epoch 3 has ended: the trainer is inside epoch 4
     killed = time.monotonic()
-    stack.wait_for(job["id"], running_at(0, attempt=2), timeout=60)
+    stack.wait_running(job["id"], 0, attempt=2, timeout=60)
     report("trainer SIGKILL -> attempt 2 running", time.monotonic() - killed)
     done = stack.wait_finished(job["id"], timeout=180)
     report("trainer SIGKILL -> job succeeded", time.monotonic() - killed)
     assert done["status"] == "succeeded", stack.diagnostics(job["id"])
     assert done["attempt"] == 2
-    assert epochs_recorded(stack, job["id"]) == list(range(1, spec["epochs"] + 1))
+    assert stack.epochs(job["id"]) == list(range(1, spec["epochs"] + 1))
     assert "resuming" in trainer_log(stack, job["id"])
 
     last = max(checkpoints(stack, job["id"]), key=lambda c: c["epoch"])
@@ -207,14 +190,14 @@ def test_trainer_sigkill_resumes_and_gives_the_same_weights_as_an_uninterrupted_
 def test_worker_sigkill_is_reaped_resumed_and_a_late_redelivery_is_a_no_op(stack):
     spec = {**QUICK, "epochs": 12, "train_size": 1024}
     job = stack.submit(**spec)
-    stack.wait_for(job["id"], running_at(1))
+    stack.wait_running(job["id"], 1)
     stack.processes.pop("worker").kill()  # Celery parent, pool process: SIGKILL to the group
     for pid in stack.trainer_pids(job["id"]):  # and the trainer, as if the machine died
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     stack.start("worker")
-    stack.wait_for(job["id"], running_at(0, attempt=2), timeout=90)
+    stack.wait_running(job["id"], 0, attempt=2, timeout=90)
     report("worker SIGKILL -> attempt 2 running (heartbeat timeout 8 s)", time.monotonic() - killed)
     done = stack.wait_finished(job["id"], timeout=180)
     report("worker SIGKILL -> job succeeded", time.monotonic() - killed)
@@ -256,7 +239,7 @@ def restart_redis(redis, kit) -> None:
 @pytest.mark.parametrize("how", ["restart", "flushall"])
 def test_redis_loss_forgets_no_queued_job_and_running_jobs_finish(stack, service_kit, how):
     running = stack.submit(**{**QUICK, "epochs": 10, "train_size": 1024})
-    stack.wait_for(running["id"], running_at(1))
+    stack.wait_running(running["id"], 1)
     queued = [stack.submit(**TINY) for _ in range(3)]
     assert stack.redis.client().llen("jobs") == 3
     if how == "restart":
@@ -268,7 +251,7 @@ def test_redis_loss_forgets_no_queued_job_and_running_jobs_finish(stack, service
     done = stack.wait_finished(running["id"], timeout=120)
     assert done["status"] == "succeeded", stack.diagnostics(running["id"])
     assert done["attempt"] == 1
-    assert epochs_recorded(stack, running["id"]) == list(range(1, 11))
+    assert stack.epochs(running["id"]) == list(range(1, 11))
     for job in queued:
         finished = stack.wait_finished(job["id"], timeout=120)
         assert finished["status"] == "succeeded", stack.diagnostics(job["id"])
@@ -282,7 +265,7 @@ def test_redis_loss_forgets_no_queued_job_and_running_jobs_finish(stack, service
 
 def test_api_restart_does_not_touch_running_jobs(stack):
     job = stack.submit(**{**QUICK, "epochs": 8, "train_size": 1024})
-    stack.wait_for(job["id"], running_at(1))
+    stack.wait_running(job["id"], 1)
     stopped = time.monotonic()
     stack.stop("api")
     with pytest.raises(httpx.TransportError):
@@ -293,7 +276,7 @@ def test_api_restart_does_not_touch_running_jobs(stack):
     done = stack.wait_finished(job["id"], timeout=120)
     assert done["status"] == "succeeded", stack.diagnostics(job["id"])
     assert done["attempt"] == 1
-    assert epochs_recorded(stack, job["id"]) == list(range(1, 9))
+    assert stack.epochs(job["id"]) == list(range(1, 9))
 
 
 # --- 5. the database briefly unavailable (PostgreSQL) -----------------------------------------
@@ -317,7 +300,7 @@ def test_database_outage_retries_metric_writes_and_the_job_finishes(service_kit,
         stack = make_stack(service_kit, tmp_path, url, cleanup, JUMPOUT_HEARTBEAT_TIMEOUT="30")
         epochs = 12
         job = stack.submit(**{**QUICK, "epochs": epochs, "train_size": 1024})
-        stack.wait_for(job["id"], running_at(2))
+        stack.wait_running(job["id"], 2)
         started = time.monotonic()
         try:
             pg_cluster("stop")
@@ -335,7 +318,7 @@ def test_database_outage_retries_metric_writes_and_the_job_finishes(service_kit,
         report(f"PostgreSQL down {outage:.0f} s -> job succeeded", time.monotonic() - started)
         assert done["status"] == "succeeded", stack.diagnostics(job["id"])
         assert done["attempt"] == 1
-        assert epochs_recorded(stack, job["id"]) == list(range(1, epochs + 1))
+        assert stack.epochs(job["id"]) == list(range(1, epochs + 1))
         log = trainer_log(stack, job["id"])
         assert "database unavailable" in log, log[-3000:]
 
@@ -347,7 +330,7 @@ def test_database_outage_retries_metric_writes_and_the_job_finishes(service_kit,
 def test_corrupted_newest_checkpoint_is_refused_and_resume_uses_the_previous_one(stack):
     epochs = 8
     job = stack.submit(**{**QUICK, "epochs": epochs, "train_size": 1024})
-    stack.wait_for(job["id"], running_at(3))
+    stack.wait_running(job["id"], 3)
     pids = stack.trainer_pids(job["id"])
     for pid in pids:  # freeze it: no checkpoint is written while we look
         os.kill(pid, signal.SIGSTOP)
@@ -368,12 +351,12 @@ def test_corrupted_newest_checkpoint_is_refused_and_resume_uses_the_previous_one
                 os.kill(pid, signal.SIGKILL)
                 os.kill(pid, signal.SIGCONT)
     killed = time.monotonic()
-    stack.wait_for(job["id"], running_at(0, attempt=2), timeout=60)
+    stack.wait_running(job["id"], 0, attempt=2, timeout=60)
     report("corrupt checkpoint + trainer SIGKILL -> attempt 2", time.monotonic() - killed)
     done = stack.wait_finished(job["id"], timeout=180)
     assert done["status"] == "succeeded", stack.diagnostics(job["id"])
     assert done["attempt"] == 2
-    assert epochs_recorded(stack, job["id"]) == list(range(1, epochs + 1))
+    assert stack.epochs(job["id"]) == list(range(1, epochs + 1))
     log = trainer_log(stack, job["id"])
     assert f"checkpoint-epoch{previous['epoch']:04d}.pt" in log.split("=== attempt 2 ===")[1]
     # The rewritten newest epoch is whole again, and every served file matches its sha256.
@@ -411,7 +394,7 @@ def test_always_crashing_jobs_fail_once_and_the_worker_moves_on(stack):
 def test_cancel_in_every_state(stack):
     # Running: the worker is busy with this one, so the next waits in the queue.
     running = stack.submit(**LONG)
-    stack.wait_for(running["id"], running_at(1))
+    stack.wait_running(running["id"], 1)
     queued = stack.submit(**TINY)
     response = stack.client.post(f"/v1/jobs/{queued['id']}/cancel")
     assert response.status_code == 202 and response.json()["status"] == "cancelled"
@@ -438,7 +421,7 @@ def test_cancel_in_every_state(stack):
                 os.kill(pid, signal.SIGCONT)
     done = stack.wait_finished(claimed["id"], timeout=60)
     assert done["status"] == "cancelled", stack.diagnostics(claimed["id"])
-    assert epochs_recorded(stack, claimed["id"]) == []
+    assert stack.epochs(claimed["id"]) == []
 
     # The cancelled queued job never ran.
     wait_until(lambda: queue_drained(stack), timeout=30, what="the queue to drain")
@@ -511,7 +494,7 @@ def test_burst_of_1000_submissions_from_20_clients(service_kit, tmp_path):
         assert all(job["attempt"] <= 1 for job in final)
         for job in final:
             if job["attempt"]:
-                epochs = epochs_recorded(stack, job["id"])
+                epochs = stack.epochs(job["id"])
                 assert len(epochs) == len(set(epochs)), job["id"]
 
         # The worker still receives every cancelled job's message; each is a no-op claim. The pool

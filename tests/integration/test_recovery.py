@@ -36,22 +36,6 @@ def wait_until(condition, *, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def running_at_epoch(epoch: int, attempt: int | None = None):
-    def check(job: dict) -> bool:
-        return (
-            job["status"] == "running"
-            and job["progress"]["epoch"] >= epoch
-            and (attempt is None or job["attempt"] == attempt)
-        )
-
-    return check
-
-
-def epochs_recorded(stack, job_id: str) -> list[int]:
-    items = stack.client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
-    return [row["epoch"] for row in items]
-
-
 def cancel_and_wait(stack, job_id: str) -> dict:
     assert stack.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     return stack.wait_finished(job_id, timeout=30)
@@ -69,20 +53,20 @@ def test_missing_dataset_fails_once_with_a_readable_reason(stack):
 def test_trainer_crash_is_retried_and_resumes_from_the_checkpoint(stack):
     spec = {**LONG, "epochs": 6}
     job = stack.submit(**spec)
-    stack.wait_for(job["id"], running_at_epoch(2))
+    stack.wait_running(job["id"], 2)
     for pid in stack.trainer_pids(job["id"]):
         os.kill(pid, signal.SIGKILL)
     done = stack.wait_finished(job["id"], timeout=120)
     assert done["status"] == "succeeded", stack.diagnostics(job["id"])
     assert done["attempt"] == 2
-    assert epochs_recorded(stack, job["id"]) == list(range(1, spec["epochs"] + 1))
+    assert stack.epochs(job["id"]) == list(range(1, spec["epochs"] + 1))
     log = trainer_log(stack, job["id"])
     assert "=== attempt 2 ===" in log and "resuming" in log
 
 
 def test_worker_shutdown_checkpoints_and_requeues_without_using_an_attempt(stack):
     job = stack.submit(**LONG)
-    stack.wait_for(job["id"], running_at_epoch(1))
+    stack.wait_running(job["id"], 1)
     stack.stop("worker", timeout=60)  # SIGTERM to the main process, as `docker stop` does
     assert stack.trainer_pids(job["id"]) == []
     requeued = stack.job(job["id"])
@@ -94,17 +78,17 @@ def test_worker_shutdown_checkpoints_and_requeues_without_using_an_attempt(stack
     epoch_before = requeued["progress"]["epoch"]
 
     stack.start("worker")
-    resumed = stack.wait_for(job["id"], running_at_epoch(epoch_before + 1, attempt=1))
+    resumed = stack.wait_running(job["id"], epoch_before + 1, attempt=1)
     assert "resuming" in trainer_log(stack, job["id"])
     assert cancel_and_wait(stack, job["id"])["status"] == "cancelled"
-    epochs = epochs_recorded(stack, job["id"])
+    epochs = stack.epochs(job["id"])
     assert epochs == list(range(1, len(epochs) + 1))
     assert resumed["attempt"] == 1
 
 
 def test_killed_worker_is_reaped_and_the_job_resumes_on_the_next_worker(stack):
     job = stack.submit(**LONG)
-    stack.wait_for(job["id"], running_at_epoch(1))
+    stack.wait_running(job["id"], 1)
     stack.processes.pop("worker").kill()  # the Celery parent and its pool process, SIGKILL
     # The trainer notices its supervisor died (parent-death signal), checkpoints and exits.
     wait_until(lambda: not stack.trainer_pids(job["id"]), timeout=30, what="the trainer to exit")
@@ -114,8 +98,8 @@ def test_killed_worker_is_reaped_and_the_job_resumes_on_the_next_worker(stack):
     epoch_before = requeued["progress"]["epoch"]
 
     stack.start("worker")
-    stack.wait_for(job["id"], running_at_epoch(epoch_before + 1, attempt=2), timeout=90)
+    stack.wait_running(job["id"], epoch_before + 1, attempt=2, timeout=90)
     assert "resuming" in trainer_log(stack, job["id"])
     assert cancel_and_wait(stack, job["id"])["status"] == "cancelled"
-    epochs = epochs_recorded(stack, job["id"])
+    epochs = stack.epochs(job["id"])
     assert epochs == list(range(1, len(epochs) + 1))
