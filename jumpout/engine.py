@@ -212,12 +212,22 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it, so a checkpoint's sha256
+    and size come from the write itself instead of reading the file back."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self._handle.write(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
 
 
 def _atomic_save(state: dict, path: Path) -> tuple[str, int]:
@@ -225,7 +235,8 @@ def _atomic_save(state: dict, path: Path) -> tuple[str, int]:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            writer = _HashingWriter(handle)
+            torch.save(state, writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -234,7 +245,7 @@ def _atomic_save(state: dict, path: Path) -> tuple[str, int]:
             os.unlink(tmp_name)
         raise
     _fsync_directory(path.parent)
-    return _sha256(path), path.stat().st_size
+    return writer.digest.hexdigest(), writer.size
 
 
 # --------------------------------------------------------------------------------------------
@@ -751,8 +762,7 @@ def fit(
                     if value is not None
                 ]
                 if len(stats) == 2 * len(layers):
-                    # The layers keep 0-d batch means: one stack and one add per step.
-                    stats = [v.float() if v.dim() == 0 else v.float().mean() for v in stats]
+                    # The layers keep 0-d float32 batch means: one stack and one add per step.
                     layer_sums += torch.stack(stats).view(len(layers), 2)
 
             report = None
