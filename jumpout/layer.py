@@ -152,6 +152,12 @@ def _jumpout(
     return output, active_fraction, applied_rate
 
 
+def _batch_mean(statistic: Tensor) -> Tensor:
+    """A detached 0-dim batch mean; per-batch statistics already are one (no extra kernel)."""
+    statistic = statistic.detach()
+    return statistic if statistic.dim() == 0 else statistic.mean()
+
+
 def jumpout(
     input: Tensor,
     sigma: float = 0.1,
@@ -275,8 +281,8 @@ class Jumpout(nn.Module):
             self.per_sample,
             self.max_rate,
         )
-        self.last_active_fraction = active_fraction.detach().mean()
-        self.last_rate = applied_rate.detach().mean()
+        self.last_active_fraction = _batch_mean(active_fraction)
+        self.last_rate = _batch_mean(applied_rate)
         return output
 
     def extra_repr(self) -> str:
