@@ -18,7 +18,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import jobs
 from api.db import make_engine
 from api.settings import get_settings
 
@@ -76,7 +75,3 @@ def call(fn: Callable[..., T], *args: Any, retry_for_s: float = RETRY_FOR_S, **k
             )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-
-
-# The supervisor's requeue lives with the other write paths; kept here under its old name.
-requeue_job = jobs.requeue_job

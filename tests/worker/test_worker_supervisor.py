@@ -103,7 +103,7 @@ def test_a_job_taken_away_is_left_to_its_new_owner(job_store, claimed_job, tmp_p
 
 def test_requeue_is_conditional_on_the_attempt(job_store, claimed_job):
     assert not job_store.call(
-        job_store.requeue_job, claimed_job, attempt=2, error="x", count_attempt=True
+        jobs.requeue_job, claimed_job, attempt=2, error="x", count_attempt=True
     )
     assert job(job_store, claimed_job).status == "running"
 
@@ -163,7 +163,7 @@ def test_a_job_requeued_under_the_supervisor_stops_its_trainer(
     job_store, claimed_job, fast, enqueued
 ):
     # The reaper gave the job away (our heartbeats were late): the heartbeat write says so.
-    job_store.call(job_store.requeue_job, claimed_job, attempt=1, error="stale", count_attempt=True)
+    job_store.call(jobs.requeue_job, claimed_job, attempt=1, error="stale", count_attempt=True)
     status = supervisor.supervise(
         claimed_job, attempt=1, command=python("import time; time.sleep(60)")
     )
