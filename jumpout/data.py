@@ -25,11 +25,13 @@ Two datasets need no files: ``digits`` (scikit-learn's 1797 8x8 handwritten digi
 data available offline everywhere) and ``synthetic`` (seeded, class-dependent random images
 for smoke tests). Both are returned as in-memory ``TensorDataset``\\ s without augmentation.
 
-Augmentation follows ``docs/recipes.md``: CIFAR random crop 32 (4 px zero padding) and
-horizontal flip; Fashion-MNIST crop 28 (4 px padding) and flip; STL10 crop 96 (12 px padding,
-the same eighth of the side as CIFAR's 4 of 32) and flip; SVHN none (its digits are not
-mirror-symmetric and the WRN paper trains SVHN without augmentation); ImageNet
-RandomResizedCrop(224) and flip, evaluated on Resize(256) + CenterCrop(224).
+Each dataset's random training augmentation (``docs/recipes.md``) is declared once, as its
+``DatasetInfo.augmentation``: the torchvision pipeline here and the engine's batched GPU
+version (`jumpout.engine.augment_on_device`) both read it from there. CIFAR: random crop 32
+(4 px zero padding) and horizontal flip; Fashion-MNIST crop 28 (4 px padding) and flip; STL10
+crop 96 (12 px padding, the same eighth of the side as CIFAR's 4 of 32) and flip; SVHN none
+(its digits are not mirror-symmetric and the WRN paper trains SVHN without augmentation);
+ImageNet RandomResizedCrop(224) and flip, evaluated on Resize(256) + CenterCrop(224).
 """
 
 from __future__ import annotations
@@ -47,12 +49,36 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
 __all__ = [
+    "Augmentation",
     "DatasetInfo",
     "DatasetNotFoundError",
     "dataset_info",
     "list_datasets",
     "load_dataset",
 ]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The random augmentation a dataset's training images get (test images get none).
+
+    Attributes:
+        crop_padding: pixels of zero padding added on every side before a random crop back to
+            the image's own size; 0 for no crop.
+        flip: mirror left-right with probability 1/2.
+        resized_crop: side of a ``RandomResizedCrop`` taken instead of the padded crop (ImageNet,
+            whose images differ in size); 0 for none.
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+    resized_crop: int = 0
+
+    @property
+    def batchable(self) -> bool:
+        """Whether it can be applied to a batch of equal-sized tensors on the device
+        (`jumpout.engine.augment_on_device`): a resized crop needs each image's own size."""
+        return not self.resized_crop
 
 
 @dataclass(frozen=True)
@@ -70,6 +96,8 @@ class DatasetInfo:
         how_to_get: what a user can do when they are missing.
         can_download: whether ``download=True`` can fetch it.
         stats_source: where ``mean``/``std`` come from.
+        augmentation: the random training augmentation (`load_dataset`'s ``augment``); none
+            by default.
     """
 
     name: str
@@ -85,6 +113,7 @@ class DatasetInfo:
     how_to_get: str = ""
     can_download: bool = True
     stats_source: str = ""
+    augmentation: Augmentation = Augmentation()
 
     def root(self, data_dir: str | os.PathLike[str]) -> Path:
         """The directory torchvision reads this dataset from."""
@@ -146,6 +175,7 @@ _DATASETS: dict[str, DatasetInfo] = {
             files=tuple(f"cifar10/cifar-10-batches-py/{f}" for f in _CIFAR10_BATCHES),
             how_to_get="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted",
             stats_source=_RECIPES_STATS,
+            augmentation=Augmentation(crop_padding=4, flip=True),
         ),
         DatasetInfo(
             name="cifar100",
@@ -160,6 +190,7 @@ _DATASETS: dict[str, DatasetInfo] = {
             files=tuple(f"cifar100/cifar-100-python/{f}" for f in ("train", "test", "meta")),
             how_to_get="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extracted",
             stats_source=_RECIPES_STATS,
+            augmentation=Augmentation(crop_padding=4, flip=True),
         ),
         DatasetInfo(
             name="fashion_mnist",
@@ -174,6 +205,7 @@ _DATASETS: dict[str, DatasetInfo] = {
             files=tuple(f"fashion_mnist/FashionMNIST/raw/{f}" for f in _FASHION_FILES),
             how_to_get="the four gunzipped IDX files of github.com/zalandoresearch/fashion-mnist",
             stats_source=_RECIPES_STATS,
+            augmentation=Augmentation(crop_padding=4, flip=True),
         ),
         DatasetInfo(
             name="svhn",
@@ -190,6 +222,9 @@ _DATASETS: dict[str, DatasetInfo] = {
             files=("svhn/train_32x32.mat", "svhn/test_32x32.mat"),
             how_to_get="http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits)",
             stats_source="widely published statistics of the SVHN train split",
+            # No augmentation: its digits are not mirror-symmetric, and the WRN paper trains
+            # SVHN without any.
+            augmentation=Augmentation(),
         ),
         DatasetInfo(
             name="stl10",
@@ -205,6 +240,8 @@ _DATASETS: dict[str, DatasetInfo] = {
             files=tuple(f"stl10/stl10_binary/{f}" for f in _STL10_FILES),
             how_to_get="http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz, extracted",
             stats_source="widely published statistics of the STL10 train split",
+            # The same eighth of the side as CIFAR's 4 of 32.
+            augmentation=Augmentation(crop_padding=12, flip=True),
         ),
         DatasetInfo(
             name="imagenet",
@@ -221,6 +258,7 @@ _DATASETS: dict[str, DatasetInfo] = {
             "and put the train and val images in one folder per class",
             can_download=False,
             stats_source=_RECIPES_STATS,
+            augmentation=Augmentation(resized_crop=224, flip=True),
         ),
         DatasetInfo(
             name="digits",
@@ -322,19 +360,24 @@ def load_dataset(
 
 
 def _transforms(info: DatasetInfo, augment: bool) -> tuple[T.Compose, T.Compose]:
+    """(train, test) pipelines; the train one applies ``info.augmentation`` when ``augment``."""
+    policy = info.augmentation
     normalise = [T.ToTensor(), T.Normalize(info.mean, info.std)]
-    if info.name == "imagenet":
-        test = T.Compose([T.Resize(256), T.CenterCrop(224), *normalise])
-        if not augment:
-            return test, test
-        train = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *normalise])
-        return train, test
-    test = T.Compose(normalise)
-    padding = {"cifar10": 4, "cifar100": 4, "fashion_mnist": 4, "stl10": 12}.get(info.name)
-    if not augment or padding is None:
+    if policy.resized_crop:
+        # Images of differing sizes: evaluate on the centre of the usual 256-pixel resize.
+        test = T.Compose([T.Resize(256), T.CenterCrop(policy.resized_crop), *normalise])
+    else:
+        test = T.Compose(normalise)
+    random_steps = []
+    if policy.resized_crop:
+        random_steps.append(T.RandomResizedCrop(policy.resized_crop))
+    elif policy.crop_padding:
+        random_steps.append(T.RandomCrop(info.image_size, padding=policy.crop_padding))
+    if policy.flip:
+        random_steps.append(T.RandomHorizontalFlip())
+    if not augment or not random_steps:
         return test, test
-    crop = T.RandomCrop(info.image_size, padding=padding)
-    return T.Compose([crop, T.RandomHorizontalFlip(), *normalise]), test
+    return T.Compose([*random_steps, *normalise]), test
 
 
 def _construct(info: DatasetInfo, data_dir: Path, build):

@@ -23,7 +23,12 @@ Design choices worth knowing:
   generator, and the RNG states are restored after the model is built).
 * On CUDA: bf16 autocast, channels_last for image models, pinned memory and non-blocking copies,
   optional ``torch.compile``; datasets small enough (digits, synthetic, CIFAR-, SVHN-,
-  Fashion-sized) are kept on the GPU as tensors and augmented there in batches.
+  Fashion-sized) are kept on the GPU as tensors and augmented there in batches, with the
+  policy `jumpout.data` declares for the CPU pipeline (``DatasetInfo.augmentation``).
+
+`fit` reads as its steps: `_start_run` (seed, data, model, optimiser), `_restore` (from a
+checkpoint), then per epoch `_train_epoch`, `_evaluate`, `_record_epoch` and a `_Checkpointer`
+save of `_checkpoint_state`.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jumpout.recipes import ConfigError, TrainConfig
+from jumpout.spec import ConfigError, TrainConfig
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -73,17 +78,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-epoch(\d{4,})(?:-step(\d{6,}))?\.p
 _TEMP_PREFIX = ".checkpoint-"
 _TEMP_SUFFIX = ".tmp"
 
-# Datasets that fit on a GPU as tensors, with the augmentation their CPU pipeline applies:
-# (zero padding in pixels for the random crop, horizontal flip).
-_DEVICE_RESIDENT_AUGMENT: dict[str, tuple[int, bool]] = {
-    "digits": (0, False),
-    "synthetic": (0, False),
-    "cifar10": (4, True),
-    "cifar100": (4, True),
-    "fashion_mnist": (4, True),
-    "svhn": (0, False),
-    "stl10": (12, True),
-}
+# Datasets whose train and test images together (float32) fit in this are kept on the GPU.
 _DEVICE_RESIDENT_MAX_BYTES = 4 * 2**30
 
 
@@ -437,10 +432,10 @@ def _keep_data_on_device(device: torch.device) -> bool:
 
 
 def _load_data(config: TrainConfig, device: torch.device) -> _Data:
-    from jumpout.data import load_dataset
+    from jumpout.data import dataset_info, load_dataset
 
-    policy = _DEVICE_RESIDENT_AUGMENT.get(config.dataset)
-    resident = _keep_data_on_device(device) and policy is not None
+    policy = dataset_info(config.dataset).augmentation
+    resident = _keep_data_on_device(device) and policy.batchable
     train_set, test_set, info = load_dataset(
         config.dataset,
         config.data_dir or ".",
@@ -461,7 +456,7 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
             data.train_x, data.train_y = train_x.to(device), train_y.to(device)
             data.test_x, data.test_y = test_x.to(device), test_y.to(device)
             if config.augment:
-                data.padding, data.flip = policy
+                data.padding, data.flip = policy.crop_padding, policy.flip
             mean = torch.as_tensor(info.mean, dtype=torch.float32).flatten()
             std = torch.as_tensor(info.std, dtype=torch.float32).flatten()
             data.fill = (-mean / std).expand(train_x.shape[1]).to(device)
@@ -521,30 +516,7 @@ def _test_batches(
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
-
-
-class _Callbacks:
-    def __init__(self, callbacks: Callback | Sequence[Any] | None) -> None:
-        if callbacks is None:
-            callbacks = ()
-        elif not isinstance(callbacks, list | tuple):
-            callbacks = (callbacks,)
-        self.items = list(callbacks)
-
-    def call(self, name: str, *args: Any) -> None:
-        for callback in self.items:
-            method = getattr(callback, name, None)
-            if method is not None:
-                method(*args)
-
-    def should_stop(self) -> bool:
-        stop = False
-        for callback in self.items:
-            method = getattr(callback, "should_stop", None)
-            if method is not None and method():
-                stop = True
-        return stop
+# Model
 
 
 def _jumpout_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -575,6 +547,78 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# --------------------------------------------------------------------------------------------
+# Callbacks and checkpointing
+
+
+class _Callbacks:
+    """The callbacks given to `fit`, called in order; any may lack any method."""
+
+    def __init__(self, callbacks: Callback | Sequence[Any] | None) -> None:
+        if callbacks is None:
+            callbacks = ()
+        elif not isinstance(callbacks, list | tuple):
+            callbacks = (callbacks,)
+        self.items = list(callbacks)
+
+    def call(self, name: str, *args: Any) -> None:
+        for callback in self.items:
+            method = getattr(callback, name, None)
+            if method is not None:
+                method(*args)
+
+    def should_stop(self) -> bool:
+        # Every callback is polled, even after one said stop: a poll may do work of its own
+        # (the worker's checks the database for a cancel request).
+        stop = False
+        for callback in self.items:
+            method = getattr(callback, "should_stop", None)
+            if method is not None and method():
+                stop = True
+        return stop
+
+
+class _Checkpointer:
+    """A run's checkpoint directory: writes each checkpoint atomically, then prunes the
+    directory to the newest ``keep_last`` files (plus, with ``keep_best``, the best epoch's),
+    reporting each file written and removed to the callbacks."""
+
+    def __init__(self, out_dir: Path, keep_last: int, keep_best: bool, hooks: _Callbacks) -> None:
+        self.out_dir = out_dir
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.hooks = hooks
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in out_dir.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)  # a save interrupted by a kill
+
+    def save(self, state: dict, is_best: bool) -> str:
+        """Write ``state`` (see `_checkpoint_state`) under the name of its epoch and step, then
+        prune; return the path written."""
+        epoch = state["epoch"]
+        path = self.out_dir / checkpoint_name(epoch, state["step"])
+        sha256, size = _atomic_save(state, path)
+        self.hooks.call("on_checkpoint", str(path), epoch, sha256, size, is_best)
+        self._prune(path, state["best_epoch"])
+        return str(path)
+
+    def _prune(self, newest: Path, best_epoch: int | None) -> None:
+        files = list_checkpoints(self.out_dir)
+        keep = set(files[-self.keep_last :])
+        keep.add(newest)
+        if self.keep_best and best_epoch is not None:
+            # The best epoch's own file is exempt, so keep-best costs no copy.
+            keep.add(self.out_dir / checkpoint_name(best_epoch))
+        for path in files:
+            if path not in keep:
+                path.unlink(missing_ok=True)
+                self.hooks.call("on_checkpoint_removed", str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
 def fit(
     config: TrainConfig,
     callbacks: Callback | Sequence[Any] = (),
@@ -584,7 +628,7 @@ def fit(
     """Train and evaluate the model ``config`` describes.
 
     Args:
-        config: a resolved `TrainConfig` (see `jumpout.recipes.resolve_config`).
+        config: a resolved `TrainConfig` (see `jumpout.spec.resolve_config`).
         callbacks: a `Callback` or a sequence of objects with any of its methods.
         resume_from: a checkpoint written by an earlier `fit` of the same dataset, architecture
             and method; training continues from it exactly.
@@ -604,13 +648,67 @@ def fit(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     hooks = _Callbacks(callbacks)
     device = resolve_device(config.device)
-    use_cuda = device.type == "cuda"
-    out_dir = Path(config.out_dir) if config.out_dir else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in out_dir.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
-            leftover.unlink(missing_ok=True)  # a save interrupted by a kill
+    checkpointer = None
+    if config.out_dir:
+        checkpointer = _Checkpointer(
+            Path(config.out_dir), config.keep_last, config.keep_best, hooks
+        )
+    run = _start_run(config, device)
+    result = FitResult(config=config, model=run.model)
+    epochs_done, steps_done, partial = 0, 0, None
+    if resume_from is not None:
+        epochs_done, steps_done, partial = _restore(run, result, resume_from)
 
+    for epoch in range(epochs_done + 1, config.epochs + 1):
+        progress = _train_epoch(run, hooks, epoch, steps_done, partial)
+        steps_done, partial = 0, None  # only the first epoch after a resume starts part-way
+        if progress.stopped:
+            if checkpointer is not None:
+                state = _checkpoint_state(run, result, epoch - 1, interrupted=progress)
+                result.last_checkpoint = checkpointer.save(state, is_best=False)
+            result.stopped = True
+            return result
+
+        test_loss, test_accuracy = _evaluate(run.step_model, run.data, config, device, run.autocast)
+        metrics = progress.metrics(test_loss, test_accuracy, run.layers)
+        is_best = _record_epoch(result, metrics)
+        hooks.call("on_epoch_end", metrics)
+        if checkpointer is not None:
+            state = _checkpoint_state(run, result, epoch)
+            result.last_checkpoint = checkpointer.save(state, is_best)
+        if epoch < config.epochs and hooks.should_stop():
+            result.stopped = True
+            return result
+    return result
+
+
+@dataclass
+class _Run:
+    """What one `fit` trains with: built once by `_start_run`, shared by the steps below."""
+
+    config: TrainConfig
+    device: torch.device
+    data: _Data
+    model: nn.Module
+    step_model: nn.Module  # the compiled model with ``config.compile``, else ``model``
+    layers: list[tuple[str, nn.Module]]  # the Jumpout layers, whose statistics are reported
+    optimizer: torch.optim.Optimizer
+    schedule: _Schedule
+    sampler_generator: torch.Generator  # draws each epoch's sample order
+    loader_generator: torch.Generator  # the DataLoader's (seeds its workers)
+    steps: int  # per epoch
+    drop_last: bool
+    channels_last: bool
+    autocast: torch.autocast
+
+
+def _start_run(config: TrainConfig, device: torch.device) -> _Run:
+    """Seed every RNG, then load the data and build the model, optimiser and schedule.
+
+    The order matters for exact resumes and seeded reproducibility: the model's initial
+    weights and (on the CPU path) the first augmented sample come from the seeded global RNG.
+    """
+    use_cuda = device.type == "cuda"
     _seed_everything(config.seed)
     sampler_generator = torch.Generator().manual_seed(config.seed)
     loader_generator = torch.Generator().manual_seed(config.seed + 1)
@@ -632,203 +730,275 @@ def fit(
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
-    n_train = data.train_len
-    drop_last = n_train >= config.batch_size
-    steps = n_train // config.batch_size if drop_last else 1
+    drop_last = data.train_len >= config.batch_size
+    steps = data.train_len // config.batch_size if drop_last else 1
     schedule = _Schedule(config, optimizer, steps)
     schedule.apply()
+    return _Run(
+        config=config,
+        device=device,
+        data=data,
+        model=model,
+        step_model=step_model,
+        layers=layers,
+        optimizer=optimizer,
+        schedule=schedule,
+        sampler_generator=sampler_generator,
+        loader_generator=loader_generator,
+        steps=steps,
+        drop_last=drop_last,
+        channels_last=channels_last,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda),
+    )
 
-    result = FitResult(config=config, model=model)
-    start_epoch, start_step = 0, 0
-    partial: dict | None = None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location="cpu")
-        recorded = state.get("config", {})
-        for key in ("dataset", "architecture", "method", "ablation", "batch_size"):
-            if recorded.get(key) != getattr(config, key):
-                raise ConfigError(
-                    key,
-                    f"checkpoint {resume_from} was trained with {key}={recorded.get(key)!r}, "
-                    f"not {getattr(config, key)!r}; resume with the same {key}",
-                )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"], sampler_generator, loader_generator)
-        start_epoch, start_step = int(state["epoch"]), int(state.get("step", 0))
-        partial = state.get("partial")
-        result.history = list(state.get("metrics", []))
-        result.best_accuracy = float(state.get("best_accuracy", 0.0))
-        result.best_epoch = state.get("best_epoch")
-        result.epochs_completed = start_epoch
-        if result.history:
-            result.final_accuracy = result.history[-1]["test_accuracy"]
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
+def _restore(
+    run: _Run, result: FitResult, checkpoint: str | os.PathLike
+) -> tuple[int, int, dict | None]:
+    """Load ``checkpoint`` into ``run`` and ``result``.
 
-    def save(epoch: int, step: int, partial_state: dict | None, is_best: bool) -> None:
-        assert out_dir is not None
-        epoch_start_rng = _capture_rng(sampler_generator, loader_generator)
-        if step:
-            # Mid-epoch: the sample order must be redrawn from the epoch's start.
-            epoch_start_rng["sampler"] = epoch_sampler_state
-            epoch_start_rng["loader"] = epoch_loader_state
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "rng": epoch_start_rng,
-            "epoch": epoch,
-            "step": step,
-            "partial": partial_state,
-            "config": config.to_dict(),
-            "metrics": result.history,
-            "best_accuracy": result.best_accuracy,
-            "best_epoch": result.best_epoch,
-        }
-        path = out_dir / checkpoint_name(epoch, step)
-        sha256, size = _atomic_save(state, path)
-        result.last_checkpoint = str(path)
-        hooks.call("on_checkpoint", str(path), epoch, sha256, size, is_best)
-        _prune(path)
-
-    def _prune(newest: Path) -> None:
-        assert out_dir is not None
-        files = list_checkpoints(out_dir)
-        keep = set(files[-config.keep_last :])
-        keep.add(newest)
-        if config.keep_best and result.best_epoch is not None:
-            keep.add(out_dir / checkpoint_name(result.best_epoch))
-        for path in files:
-            if path not in keep:
-                path.unlink(missing_ok=True)
-                hooks.call("on_checkpoint_removed", str(path))
-
-    for epoch_index in range(start_epoch, config.epochs):
-        epoch = epoch_index + 1
-        epoch_started = time.perf_counter()
-        epoch_sampler_state = sampler_generator.get_state()
-        epoch_loader_state = loader_generator.get_state()
-        order = torch.randperm(n_train, generator=sampler_generator)
-        first_step = 0
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        layer_sums = torch.zeros(len(layers), 2, device=device)
-        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        seen = 0
-        train_seconds = 0.0
-        seconds_before_resume = 0.0
-        if partial is not None and epoch_index == start_epoch and start_step:
-            first_step = start_step
-            order = order[start_step * config.batch_size :]
-            loss_sum += partial["loss_sum"].to(device)
-            correct += partial["correct"].to(device)
-            layer_sums += partial["layer_sums"].to(device)
-            seen = int(partial["seen"])
-            train_seconds = float(partial["train_seconds"])
-            seconds_before_resume = float(partial["seconds"])
-        partial = None
-
-        model.train()
-        train_started = time.perf_counter()
-        step = first_step
-        step_lr = optimizer.param_groups[0]["lr"]
-        stopped = False
-        for x, y in _train_batches(data, config, device, order, loader_generator, drop_last):
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = step_model(x)
-                loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            step_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            schedule.step()
-            step += 1
-
-            detached = loss.detach().float()
-            first_bad_step = torch.where(
-                (first_bad_step < 0) & ~torch.isfinite(detached), step, first_bad_step
+    Returns (epochs finished, steps finished of the next epoch, that epoch's running sums
+    ``partial`` or None).
+    """
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    recorded = state.get("config", {})
+    for key in ("dataset", "architecture", "method", "ablation", "batch_size"):
+        if recorded.get(key) != getattr(run.config, key):
+            raise ConfigError(
+                key,
+                f"checkpoint {checkpoint} was trained with {key}={recorded.get(key)!r}, "
+                f"not {getattr(run.config, key)!r}; resume with the same {key}",
             )
-            loss_sum += detached * y.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += y.shape[0]
-            if layers:
-                stats = [
-                    value
-                    for _, module in layers
-                    for value in (module.last_active_fraction, module.last_rate)
-                    if value is not None
-                ]
-                if len(stats) == 2 * len(layers):
-                    # The layers keep 0-d float32 batch means: one stack and one add per step.
-                    layer_sums += torch.stack(stats).view(len(layers), 2)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["scheduler"])
+    # After the model is built, so that its initialisation does not disturb the restored RNG.
+    _restore_rng(state["rng"], run.sampler_generator, run.loader_generator)
+    epochs_done = int(state["epoch"])
+    result.history = list(state.get("metrics", []))
+    result.best_accuracy = float(state.get("best_accuracy", 0.0))
+    result.best_epoch = state.get("best_epoch")
+    result.epochs_completed = epochs_done
+    if result.history:
+        result.final_accuracy = result.history[-1]["test_accuracy"]
+    return epochs_done, int(state.get("step", 0)), state.get("partial")
 
-            report = None
-            if step % PROGRESS_EVERY == 0 or step == steps:
-                running, bad = torch.stack([loss_sum / seen, first_bad_step.float()]).tolist()
-                if bad >= 0:
-                    raise NonFiniteLossError(epoch, int(bad))
-                report = running
-            hooks.call("on_step", epoch, step, steps, report)
-            if step % STOP_POLL_EVERY == 0 and step < steps and hooks.should_stop():
-                stopped = True
-                break
 
-        if stopped:
-            if int(first_bad_step.item()) >= 0:
-                raise NonFiniteLossError(epoch, int(first_bad_step.item()))
-            if out_dir is not None:
-                train_seconds += time.perf_counter() - train_started
-                partial_state = {
-                    "loss_sum": loss_sum.cpu(),
-                    "correct": correct.cpu(),
-                    "layer_sums": layer_sums.cpu(),
-                    "seen": seen,
-                    "train_seconds": train_seconds,
-                    "seconds": time.perf_counter() - epoch_started + seconds_before_resume,
-                }
-                save(epoch_index, step, partial_state, is_best=False)
-            result.stopped = True
-            return result
+@dataclass
+class _EpochProgress:
+    """One training epoch as it runs: its running sums, kept on the device so that the inner
+    loop never waits for the host, and what a checkpoint in its middle must save."""
 
-        if use_cuda:
-            torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - train_started
-        bad = int(first_bad_step.item())
+    epoch: int  # 1-based
+    started: float  # time.perf_counter() at its start
+    # The generators' states at the epoch's start: a mid-epoch checkpoint saves these, so that
+    # a resume redraws the same sample order and skips the steps already done.
+    sampler_state: torch.Tensor
+    loader_state: torch.Tensor
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    layer_sums: torch.Tensor  # (layers, 2): active fraction and rate, summed over steps
+    first_bad_step: torch.Tensor  # the first step with a non-finite loss; -1 while none
+    step: int = 0
+    seen: int = 0
+    last_lr: float = 0.0
+    train_seconds: float = 0.0
+    seconds_before_resume: float = 0.0  # wall time of this epoch spent before a resume
+    stopped: bool = False
+
+    @classmethod
+    def begin(cls, epoch: int, run: _Run) -> _EpochProgress:
+        device = run.device
+        return cls(
+            epoch=epoch,
+            started=time.perf_counter(),
+            sampler_state=run.sampler_generator.get_state(),
+            loader_state=run.loader_generator.get_state(),
+            loss_sum=torch.zeros((), device=device),
+            correct=torch.zeros((), dtype=torch.long, device=device),
+            layer_sums=torch.zeros(len(run.layers), 2, device=device),
+            first_bad_step=torch.full((), -1, dtype=torch.long, device=device),
+        )
+
+    def add_partial(self, partial: dict, steps_done: int) -> None:
+        """Continue from a mid-epoch checkpoint's ``partial`` after ``steps_done`` steps."""
+        device = self.loss_sum.device
+        self.step = steps_done
+        self.loss_sum += partial["loss_sum"].to(device)
+        self.correct += partial["correct"].to(device)
+        self.layer_sums += partial["layer_sums"].to(device)
+        self.seen = int(partial["seen"])
+        self.train_seconds = float(partial["train_seconds"])
+        self.seconds_before_resume = float(partial["seconds"])
+
+    def partial(self) -> dict:
+        """The running sums as a mid-epoch checkpoint's ``partial`` (on the CPU)."""
+        return {
+            "loss_sum": self.loss_sum.cpu(),
+            "correct": self.correct.cpu(),
+            "layer_sums": self.layer_sums.cpu(),
+            "seen": self.seen,
+            "train_seconds": self.train_seconds,
+            "seconds": time.perf_counter() - self.started + self.seconds_before_resume,
+        }
+
+    def add_step(
+        self,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        lr: float,
+        layers: list[tuple[str, nn.Module]],
+    ) -> None:
+        """Count one finished step, on the device only."""
+        self.step += 1
+        self.last_lr = lr
+        detached = loss.detach().float()
+        self.first_bad_step = torch.where(
+            (self.first_bad_step < 0) & ~torch.isfinite(detached), self.step, self.first_bad_step
+        )
+        self.loss_sum += detached * labels.shape[0]
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += labels.shape[0]
+        if layers:
+            stats = [
+                value
+                for _, module in layers
+                for value in (module.last_active_fraction, module.last_rate)
+                if value is not None
+            ]
+            if len(stats) == 2 * len(layers):
+                # The layers keep 0-d float32 batch means: one stack and one add per step.
+                self.layer_sums += torch.stack(stats).view(len(layers), 2)
+
+    def running_loss(self) -> float:
+        """The epoch's mean training loss so far: one host read, which also raises
+        `NonFiniteLossError` if any step's loss so far was not finite."""
+        running, bad = torch.stack(
+            [self.loss_sum / self.seen, self.first_bad_step.float()]
+        ).tolist()
         if bad >= 0:
-            raise NonFiniteLossError(epoch, bad)
+            raise NonFiniteLossError(self.epoch, int(bad))
+        return running
 
-        test_loss, test_accuracy = _evaluate(step_model, data, config, device, autocast)
-        layer_means = (layer_sums / max(1, step)).tolist()
-        metrics = {
-            "epoch": epoch,
-            "train_loss": (loss_sum / max(1, seen)).item(),
-            "train_accuracy": correct.item() / max(1, seen),
+    def raise_if_non_finite(self) -> None:
+        bad = int(self.first_bad_step.item())
+        if bad >= 0:
+            raise NonFiniteLossError(self.epoch, bad)
+
+    def metrics(
+        self, test_loss: float, test_accuracy: float, layers: list[tuple[str, nn.Module]]
+    ) -> dict:
+        """The finished epoch's metrics dict (keys: see `fit`)."""
+        layer_means = (self.layer_sums / max(1, self.step)).tolist()
+        return {
+            "epoch": self.epoch,
+            "train_loss": (self.loss_sum / max(1, self.seen)).item(),
+            "train_accuracy": self.correct.item() / max(1, self.seen),
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
-            "lr": step_lr,
-            "seconds": time.perf_counter() - epoch_started + seconds_before_resume,
-            "images_per_second": seen / train_seconds if train_seconds > 0 else 0.0,
+            "lr": self.last_lr,
+            "seconds": time.perf_counter() - self.started + self.seconds_before_resume,
+            "images_per_second": self.seen / self.train_seconds if self.train_seconds > 0 else 0.0,
             "layers": [
                 {"name": name, "active_fraction": fraction, "rate": rate}
                 for (name, _), (fraction, rate) in zip(layers, layer_means, strict=True)
             ],
         }
-        result.history.append(metrics)
-        result.epochs_completed = epoch
-        result.final_accuracy = test_accuracy
-        is_best = result.best_epoch is None or test_accuracy > result.best_accuracy
-        if is_best:
-            result.best_accuracy, result.best_epoch = test_accuracy, epoch
-        hooks.call("on_epoch_end", metrics)
-        if out_dir is not None:
-            save(epoch, 0, None, is_best)
-        if epoch < config.epochs and hooks.should_stop():
-            result.stopped = True
-            return result
-    return result
+
+
+def _train_epoch(
+    run: _Run, hooks: _Callbacks, epoch: int, steps_done: int = 0, partial: dict | None = None
+) -> _EpochProgress:
+    """Train epoch ``epoch`` (after a mid-epoch resume: the rest of it, from ``steps_done``
+    steps and their running sums ``partial``), reporting each step and polling for a stop.
+
+    Returns the epoch's progress; ``stopped`` says a callback ended it early.
+    """
+    config = run.config
+    progress = _EpochProgress.begin(epoch, run)
+    order = torch.randperm(run.data.train_len, generator=run.sampler_generator)
+    if partial is not None and steps_done:
+        order = order[steps_done * config.batch_size :]
+        progress.add_partial(partial, steps_done)
+
+    run.model.train()
+    train_started = time.perf_counter()
+    progress.last_lr = run.optimizer.param_groups[0]["lr"]
+    batches = _train_batches(
+        run.data, config, run.device, order, run.loader_generator, run.drop_last
+    )
+    for x, y in batches:
+        loss, logits, lr = _train_step(run, x, y)
+        progress.add_step(loss, logits, y, lr, run.layers)
+        step = progress.step
+        report = None
+        if step % PROGRESS_EVERY == 0 or step == run.steps:
+            report = progress.running_loss()
+        hooks.call("on_step", epoch, step, run.steps, report)
+        if step % STOP_POLL_EVERY == 0 and step < run.steps and hooks.should_stop():
+            progress.stopped = True
+            break
+
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    progress.train_seconds += time.perf_counter() - train_started
+    progress.raise_if_non_finite()
+    return progress
+
+
+def _train_step(
+    run: _Run, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimiser step on a batch; returns its loss, its logits and the learning rate used."""
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with run.autocast:
+        logits = run.step_model(x)
+        loss = F.cross_entropy(logits, y)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.schedule.step()
+    return loss, logits, lr
+
+
+def _record_epoch(result: FitResult, metrics: dict) -> bool:
+    """Add a finished epoch's metrics to ``result``; return whether it is the best so far."""
+    epoch, test_accuracy = metrics["epoch"], metrics["test_accuracy"]
+    result.history.append(metrics)
+    result.epochs_completed = epoch
+    result.final_accuracy = test_accuracy
+    is_best = result.best_epoch is None or test_accuracy > result.best_accuracy
+    if is_best:
+        result.best_accuracy, result.best_epoch = test_accuracy, epoch
+    return is_best
+
+
+def _checkpoint_state(
+    run: _Run, result: FitResult, epochs_done: int, interrupted: _EpochProgress | None = None
+) -> dict:
+    """What a checkpoint holds after ``epochs_done`` epochs, plus the steps ``interrupted``
+    finished of the next one."""
+    rng = _capture_rng(run.sampler_generator, run.loader_generator)
+    if interrupted is not None:
+        # Mid-epoch: the sample order must be redrawn from the epoch's start.
+        rng["sampler"] = interrupted.sampler_state
+        rng["loader"] = interrupted.loader_state
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.schedule.state_dict(),
+        "rng": rng,
+        "epoch": epochs_done,
+        "step": interrupted.step if interrupted is not None else 0,
+        "partial": interrupted.partial() if interrupted is not None else None,
+        "config": run.config.to_dict(),
+        "metrics": result.history,
+        "best_accuracy": result.best_accuracy,
+        "best_epoch": result.best_epoch,
+    }
 
 
 @torch.no_grad()

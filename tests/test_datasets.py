@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
 
+from jumpout import data
 from jumpout.data import (
     DatasetInfo,
     DatasetNotFoundError,
@@ -336,3 +338,26 @@ def test_list_datasets_matches_the_registry():
     for name in names:
         info = dataset_info(name)
         assert len(info.mean) == len(info.std) == info.in_channels
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion_mnist", "svhn", "stl10"])
+def test_cpu_augmentation_follows_the_declared_policy(name):
+    """One declaration per dataset: the torchvision pipeline applies exactly
+    ``info.augmentation`` (the engine's GPU path reads the same fields)."""
+    info = dataset_info(name)
+    policy = info.augmentation
+    train, test = data._transforms(info, augment=True)
+    crops = [step for step in train.transforms if isinstance(step, T.RandomCrop)]
+    flips = [step for step in train.transforms if isinstance(step, T.RandomHorizontalFlip)]
+    assert [crop.padding for crop in crops] == (
+        [policy.crop_padding] if policy.crop_padding else []
+    )
+    assert len(flips) == int(policy.flip)
+    assert policy.batchable
+    if not (policy.crop_padding or policy.flip):
+        assert train is test
+    plain, plain_test = data._transforms(info, augment=False)
+    assert plain is plain_test
+    assert not any(
+        isinstance(step, T.RandomCrop | T.RandomHorizontalFlip) for step in plain.transforms
+    )
