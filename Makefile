@@ -20,7 +20,7 @@ install: $(STAMP)
 # The embedded service: SQLite and a bundled Redis under ./var, one worker, the API on
 # 127.0.0.1:$${JUMPOUT_PORT:-8000}. Ctrl-C stops everything cleanly.
 run: $(STAMP)
-	$(PY) -m worker
+	$(PY) -m launcher
 
 demo: $(STAMP)
 	$(PY) -m jumpout demo

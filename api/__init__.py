@@ -1,5 +1,6 @@
-"""The jumpout training service: settings, store, service functions and the HTTP API.
+"""The HTTP API of the jumpout service (FastAPI): routes, request and response bodies, tokens,
+and the fast read paths. The app is `api.main:app`; `python -m api` migrates and manages tokens.
 
-Importing this package is cheap on purpose: the worker imports `api.settings`, `api.db` and
-`api.jobs` without pulling in FastAPI, and the app itself lives in `api.main`.
+It stands on `jobstore` (settings, database, job state, the broker queue) and on the library's
+torch-free `jumpout.spec`; it never imports torch, `worker` or `launcher`.
 """

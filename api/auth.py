@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import TokenError, Unauthorized
-from api.models import ApiToken, utcnow
+from jobstore.errors import TokenError, Unauthorized
+from jobstore.settings import get_settings
+from jobstore.tables import ApiToken, utcnow
 
 TOKEN_PREFIX = "jo_"
 
@@ -84,14 +87,32 @@ def list_tokens(session: Session) -> list[ApiToken]:
     return rows
 
 
-def authenticate(session: Session, token: str) -> Principal:
-    """The principal for a presented bearer token; `Unauthorized` if unknown or revoked."""
+def principal_for(token: str | None, find: Callable[[str], Any]) -> Principal:
+    """Who is calling, the one rule for every route: a presented token must be valid (looked up
+    on every request with ``find(sha256)``, so a revocation takes effect on the next one) even
+    when auth is optional; without one the caller is the anonymous owner, or `Unauthorized` when
+    `auth_required`. ``find`` returns a row with ``token_hash``, ``revoked_at``, ``id``, ``name``
+    and ``is_admin``, or None."""
+    if not token:
+        if get_settings().auth_required:
+            raise Unauthorized("missing API token: send 'Authorization: Bearer <token>'")
+        return ANONYMOUS
     digest = hash_token(token)
-    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).one_or_none()
-    session.commit()
+    row = find(digest)
     # The lookup is by hash, so timing reveals nothing about the token; compare_digest anyway.
     if row is None or not secrets.compare_digest(row.token_hash, digest):
         raise Unauthorized("invalid API token")
     if row.revoked_at is not None:
         raise Unauthorized("this API token has been revoked")
     return Principal(id=row.id, name=row.name, is_admin=row.is_admin)
+
+
+def authenticate(session: Session, token: str | None) -> Principal:
+    """`principal_for` with the token looked up through the session."""
+
+    def find(digest: str) -> ApiToken | None:
+        row = session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).one_or_none()
+        session.commit()
+        return row
+
+    return principal_for(token, find)

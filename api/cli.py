@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from api.errors import TokenError
+from jobstore.errors import TokenError
 
 
 def _migrate(_args) -> int:
-    from api.db import migrate
-    from api.settings import get_settings
+    from jobstore.db import migrate
+    from jobstore.settings import get_settings
 
     migrate()
     url = get_settings().database_url
@@ -20,7 +20,7 @@ def _migrate(_args) -> int:
 
 def _token_create(args) -> int:
     from api.auth import create_token
-    from api.db import session_scope
+    from jobstore.db import session_scope
 
     with session_scope() as session:
         row, token = create_token(session, name=args.name, is_admin=args.admin)
@@ -32,7 +32,7 @@ def _token_create(args) -> int:
 
 def _token_revoke(args) -> int:
     from api.auth import revoke_token
-    from api.db import session_scope
+    from jobstore.db import session_scope
 
     with session_scope() as session:
         row = revoke_token(session, name_or_id=args.name_or_id)
@@ -42,7 +42,7 @@ def _token_revoke(args) -> int:
 
 def _token_list(_args) -> int:
     from api.auth import list_tokens
-    from api.db import session_scope
+    from jobstore.db import session_scope
 
     with session_scope() as session:
         rows = list_tokens(session)

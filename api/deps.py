@@ -9,10 +9,9 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.auth import ANONYMOUS, Principal, authenticate
-from api.db import get_session
-from api.errors import Unauthorized
-from api.settings import Settings, get_settings
+from api.auth import Principal, authenticate
+from jobstore.db import get_session
+from jobstore.settings import Settings, get_settings
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -24,18 +23,9 @@ _bearer = HTTPBearer(auto_error=False, description="an API token: `python -m api
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_principal(
-    session: SessionDep,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """The caller. A presented token must be valid even when auth is optional; without one the
-    caller is the anonymous owner, or 401 when `auth_required`."""
-    if credentials is not None and credentials.credentials:
-        return authenticate(session, credentials.credentials)
-    if settings.auth_required:
-        raise Unauthorized("missing API token: send 'Authorization: Bearer <token>'")
-    return ANONYMOUS
+def get_principal(session: SessionDep, credentials: BearerDep) -> Principal:
+    """The caller (`api.auth.principal_for`: one rule for every route)."""
+    return authenticate(session, credentials.credentials if credentials is not None else None)
 
 
 TokenDep = Annotated[Principal, Depends(get_principal)]

@@ -1,126 +1,15 @@
-"""Typed domain errors, and the handlers that turn every error into one JSON shape.
-
-Body: `{"error": {"code": ..., "message": ..., "fields": [{"field": ..., "message": ...}]}}`.
-Service functions raise `ApiError` subclasses; they never know about HTTP beyond a status code.
-"""
+"""The API's error answers: domain errors (`jobstore.errors`), FastAPI validation errors and HTTP
+errors all become the one JSON body of `jobstore.errors.error_body`."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
+from jobstore.errors import FieldError, InvalidRequest, InvalidSpec, ServiceError, error_body
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FieldError:
-    field: str
-    message: str
-
-
-class ApiError(Exception):
-    status_code = 400
-    code = "bad_request"
-
-    def __init__(
-        self, message: str, *, fields: list[FieldError] | None = None, headers: dict | None = None
-    ):
-        super().__init__(message)
-        self.message = message
-        self.fields = fields or []
-        self.headers = headers
-
-
-class InvalidSpec(ApiError):
-    status_code = 422
-    code = "invalid_spec"
-
-
-class InvalidRequest(ApiError):
-    status_code = 422
-    code = "invalid_request"
-
-
-class NotFound(ApiError):
-    status_code = 404
-    code = "not_found"
-
-
-class JobNotFound(NotFound, LookupError):
-    code = "job_not_found"
-
-    def __init__(self, job_id: str):
-        super().__init__(f"no job with id {job_id!r}")
-        self.job_id = job_id
-
-
-class CheckpointNotFound(NotFound, LookupError):
-    code = "checkpoint_not_found"
-
-
-class Unauthorized(ApiError):
-    status_code = 401
-    code = "unauthorized"
-
-    def __init__(self, message: str):
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
-
-
-class Forbidden(ApiError):
-    status_code = 403
-    code = "forbidden"
-
-
-class Conflict(ApiError):
-    status_code = 409
-    code = "conflict"
-
-
-class JobFinished(Conflict):
-    code = "job_finished"
-
-
-class ChecksumMismatch(Conflict):
-    code = "checksum_mismatch"
-
-
-class CheckpointRefused(Conflict):
-    """The recorded path is not a file the service wrote (outside the artifact directory)."""
-
-    code = "checkpoint_refused"
-
-
-class CheckpointGone(ApiError):
-    status_code = 410
-    code = "checkpoint_missing"
-
-
-class TooManyQueued(ApiError):
-    status_code = 429
-    code = "too_many_queued_jobs"
-
-
-class ServerMisconfigured(ApiError):
-    status_code = 500
-    code = "server_misconfigured"
-
-
-class TokenError(ApiError):
-    """A token-management error (the CLI prints these)."""
-
-    code = "token_error"
-
-
-def error_body(code: str, message: str, fields: list[FieldError] | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": code,
-            "message": message,
-            "fields": [{"field": f.field, "message": f.message} for f in fields or []],
-        }
-    }
 
 
 def _field_name(loc: tuple) -> str:
@@ -174,7 +63,7 @@ def validation_error_response(errors: list[dict[str, Any]], accepted_fields: lis
     ]
     names = ", ".join(dict.fromkeys(f.field for f in fields))
     in_body = all(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors)
-    # A refused job spec has the same code whether pydantic or the library's recipes refused it.
+    # A refused job spec has the same code whether the request model or resolve_config refused it.
     code = InvalidSpec.code if in_body else InvalidRequest.code
     return 422, error_body(code, f"invalid value for: {names}", fields)
 
@@ -185,7 +74,7 @@ def install_error_handlers(app, *, accepted_fields: list[str] | None = None) -> 
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    async def on_api_error(_request, exc: ApiError):
+    async def on_api_error(_request, exc: ServiceError):
         return JSONResponse(
             error_body(exc.code, exc.message, exc.fields),
             status_code=exc.status_code,
@@ -234,7 +123,7 @@ def install_error_handlers(app, *, accepted_fields: list[str] | None = None) -> 
         logger.exception("unhandled error", exc_info=exc)
         return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
-    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(ServiceError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.errors import FieldError, error_body, install_error_handlers
+from api.errors import install_error_handlers
 from api.routes import health, jobs
-from api.schemas import (
-    accepted_ablations,
-    accepted_architectures,
-    accepted_datasets,
-    job_create_fields,
-)
-from api.settings import get_settings
+from api.schemas import CLIENT_FIELDS
+from jobstore.errors import FieldError, error_body
+from jobstore.settings import get_settings
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
@@ -79,22 +74,14 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-@asynccontextmanager
-async def lifespan(_app: FastAPI):
-    # Load the library's registries (and torch) before the first request, not during it.
-    accepted_datasets(), accepted_architectures(), accepted_ablations()
-    yield
-
-
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
-        lifespan=lifespan,
         title="jumpout",
         summary="Train networks with Jumpout, dropout or neither, as a service",
         version="0.1.0",
     )
-    install_error_handlers(app, accepted_fields=job_create_fields())
+    install_error_handlers(app, accepted_fields=list(CLIENT_FIELDS))
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)

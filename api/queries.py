@@ -1,23 +1,23 @@
 """The API's hot read paths: job status, a job's metrics, the job list, the caller's token.
 
 These are what clients poll, so they skip the ORM and pydantic: SQLAlchemy Core selects of the
-needed columns on a read-only connection (`api.db.get_read_engine`: on SQLite a deferred
+needed columns on a read-only connection (`jobstore.db.get_read_engine`: on SQLite a deferred
 transaction, so a read never waits for the write lock), response bodies built as dicts and
-serialised once with orjson. The shapes are exactly `api.schemas.JobRead`, `JobsPage` and
-`MetricsPage` (the routes still declare those models, so the OpenAPI schema is unchanged;
+serialised once with orjson. The bodies come from the same functions as the ORM path's
+(`jobstore.jobs.job_view`, `metric_view`), so they are exactly `api.schemas.JobRead`, `JobsPage` and
+`MetricsPage` (the routes declare those models for the OpenAPI schema;
 tests/api/test_queries.py checks the bytes against the pydantic models).
 
 A job's metrics body is cached per job. The cache key is read from the database on every request
 (one indexed aggregate query): the number of epoch rows and their newest `created_at`.
-`api.jobs.record_epoch` stamps `created_at` on insert and on every upsert, so a new epoch changes
-the count and a rewritten one (a resumed run repeating an epoch) moves the newest timestamp; the
-key can only miss a rewrite if the writer's clock is behind the previous write's, which a resume
-(after a heartbeat timeout) does not reach.
+`jobstore.jobs.record_epoch` stamps `created_at` on insert and on every upsert, so a new epoch
+changes the count and a rewritten one (a resumed run repeating an epoch) moves the newest
+timestamp; the key can only miss a rewrite if the writer's clock is behind the previous write's,
+which a resume (after a heartbeat timeout) does not reach.
 """
 
 from __future__ import annotations
 
-import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -28,12 +28,11 @@ import orjson
 from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.exc import DBAPIError
 
-from api.auth import ANONYMOUS, Principal, hash_token
-from api.db import get_read_engine
-from api.errors import JobNotFound, Unauthorized
-from api.jobs import _encode_cursor, _is_job_id, filter_jobs
-from api.models import ApiToken, EpochMetric, Job
-from api.settings import get_settings
+from api.auth import Principal, principal_for
+from jobstore.db import get_read_engine
+from jobstore.errors import JobNotFound
+from jobstore.jobs import _encode_cursor, _is_job_id, filter_jobs, job_view, metric_view
+from jobstore.tables import METRIC_FIELDS, ApiToken, EpochMetric, Job
 
 T = TypeVar("T")
 
@@ -41,46 +40,18 @@ JSON_OPTIONS = orjson.OPT_UTC_Z  # "2026-01-01T00:00:00Z", as pydantic writes UT
 
 METRICS_CACHE_SIZE = 256  # jobs; a 200-epoch body is about 60 kB
 
-_JOB_COLUMNS = (
-    Job.id,
-    Job.status,
-    Job.method,
-    Job.dataset,
-    Job.architecture,
-    Job.spec,
-    Job.epoch,
-    Job.epochs,
-    Job.epoch_seconds,
-    Job.attempt,
-    Job.max_attempts,
-    Job.error,
-    Job.created_at,
-    Job.started_at,
-    Job.finished_at,
-    Job.final_accuracy,
-    Job.best_accuracy,
-    Job.best_epoch,
-    Job.device,
-    Job.worker,
-    ApiToken.name.label("owner"),
-    Job.cancel_requested,
+# Every job column (job_view picks what it serves) and the owner's name.
+_JOBS = select(Job.__table__, ApiToken.name.label("owner_name")).outerjoin(
+    ApiToken, Job.owner_id == ApiToken.id
 )
-_JOBS = select(*_JOB_COLUMNS).outerjoin(ApiToken, Job.owner_id == ApiToken.id)
 _JOB_BY_ID = _JOBS.where(Job.id == bindparam("job_id"))
 
-_METRIC_COLUMNS = (
-    EpochMetric.epoch,
-    EpochMetric.train_loss,
-    EpochMetric.train_accuracy,
-    EpochMetric.test_loss,
-    EpochMetric.test_accuracy,
-    EpochMetric.lr,
-    EpochMetric.seconds,
-    EpochMetric.images_per_second,
-    EpochMetric.layers,
-)
 _METRICS = (
-    select(*_METRIC_COLUMNS)
+    select(
+        EpochMetric.epoch,
+        *(EpochMetric.__table__.c[name] for name in METRIC_FIELDS),
+        EpochMetric.layers,
+    )
     .where(EpochMetric.job_id == bindparam("job_id"))
     .order_by(EpochMetric.epoch)
 )
@@ -107,7 +78,7 @@ _TOKEN_BY_HASH = select(
 @contextmanager
 def read_connection() -> Iterator[Connection]:
     """A connection on which each statement is its own read transaction (no BEGIN, no COMMIT:
-    see `api.db.get_read_engine`). Nothing here needs two statements to share a snapshot."""
+    see `jobstore.db.get_read_engine`). Nothing here needs two statements to share a snapshot."""
     with get_read_engine().connect() as connection:
         yield connection
 
@@ -129,63 +100,13 @@ def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def principal(connection: Connection, token: str | None) -> Principal:
-    """Who is calling, as `api.deps.get_principal` decides it: a presented token must be valid
-    (looked up on every request, so a revocation takes effect on the next one); without one the
-    caller is anonymous, or `Unauthorized` when `auth_required`."""
-    if not token:
-        if get_settings().auth_required:
-            raise Unauthorized("missing API token: send 'Authorization: Bearer <token>'")
-        return ANONYMOUS
-    digest = hash_token(token)
-    row = connection.execute(_TOKEN_BY_HASH, {"digest": digest}).first()
-    if row is None or not secrets.compare_digest(row.token_hash, digest):
-        raise Unauthorized("invalid API token")
-    if row.revoked_at is not None:
-        raise Unauthorized("this API token has been revoked")
-    return Principal(id=row.id, name=row.name, is_admin=row.is_admin)
+    """Who is calling (`api.auth.principal_for`), the token looked up on this connection."""
+    return principal_for(
+        token, lambda digest: connection.execute(_TOKEN_BY_HASH, {"digest": digest}).first()
+    )
 
 
 # --- jobs ------------------------------------------------------------------------------------
-
-
-def job_dict(row: Any) -> dict[str, Any]:
-    """A `JobRead` as a dict of JSON values (datetimes left for orjson), from a `_JOBS` row."""
-    epochs = row.epochs or 0
-    fraction = min(1.0, row.epoch / epochs) if epochs else 0.0
-    eta = None
-    if row.status == "running" and row.epoch_seconds is not None:
-        eta = float(max(0, epochs - row.epoch) * row.epoch_seconds)
-    elif row.status == "succeeded":
-        eta = 0.0
-    return {
-        "id": row.id,
-        "status": row.status,
-        "method": row.method,
-        "dataset": row.dataset,
-        "architecture": row.architecture,
-        "spec": row.spec,
-        "progress": {
-            "epoch": row.epoch,
-            "epochs": epochs,
-            "fraction": float(fraction),
-            "eta_seconds": eta,
-        },
-        "attempt": row.attempt,
-        "max_attempts": row.max_attempts,
-        "error": row.error,
-        "created_at": row.created_at,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-        "result": {
-            "final_accuracy": row.final_accuracy,
-            "best_accuracy": row.best_accuracy,
-            "best_epoch": row.best_epoch,
-        },
-        "device": row.device,
-        "worker": row.worker,
-        "owner": row.owner,
-        "cancel_requested": bool(row.cancel_requested),
-    }
 
 
 def job_json(connection: Connection, job_id: str) -> bytes:
@@ -195,7 +116,7 @@ def job_json(connection: Connection, job_id: str) -> bytes:
     row = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
     if row is None:
         raise JobNotFound(job_id)
-    return orjson.dumps(job_dict(row), option=JSON_OPTIONS)
+    return orjson.dumps(job_view(row, owner=row.owner_name), option=JSON_OPTIONS)
 
 
 def jobs_page_json(
@@ -207,11 +128,12 @@ def jobs_page_json(
     limit: int = 50,
     cursor: str | None = None,
 ) -> bytes:
-    """A `JobsPage` body: newest first, keyset pagination as in `api.jobs.list_jobs`."""
+    """A `JobsPage` body: newest first, keyset pagination as in `jobstore.jobs.list_jobs`."""
     query = filter_jobs(_JOBS, status=status, method=method, dataset=dataset, cursor=cursor)
     rows = connection.execute(query.limit(limit + 1)).all()
     next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    body = {"items": [job_dict(row) for row in rows[:limit]], "next_cursor": next_cursor}
+    items = [job_view(row, owner=row.owner_name) for row in rows[:limit]]
+    body = {"items": items, "next_cursor": next_cursor}
     return orjson.dumps(body, option=JSON_OPTIONS)
 
 
@@ -249,14 +171,6 @@ class _MetricsCache:
 metrics_cache = _MetricsCache(METRICS_CACHE_SIZE)
 
 
-def _layer(layer: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": str(layer.get("name")),
-        "active_fraction": layer.get("active_fraction"),
-        "rate": layer.get("rate"),
-    }
-
-
 def metrics_json(connection: Connection, job_id: str) -> bytes:
     """The `MetricsPage` body of a job (epochs in order); raises `JobNotFound`."""
     if not _is_job_id(job_id):
@@ -269,20 +183,7 @@ def metrics_json(connection: Connection, job_id: str) -> bytes:
     body = metrics_cache.get(name, key)
     if body is not None:
         return body
-    items = [
-        {
-            "epoch": row.epoch,
-            "train_loss": row.train_loss,
-            "train_accuracy": row.train_accuracy,
-            "test_loss": row.test_loss,
-            "test_accuracy": row.test_accuracy,
-            "lr": row.lr,
-            "seconds": row.seconds,
-            "images_per_second": row.images_per_second,
-            "layers": [_layer(layer) for layer in row.layers or ()],
-        }
-        for row in connection.execute(_METRICS, {"job_id": job_id})
-    ]
+    items = [metric_view(row) for row in connection.execute(_METRICS, {"job_id": job_id})]
     body = orjson.dumps({"items": items}, option=JSON_OPTIONS)
     # The rows were read after the key, so they are at least as new as it: a write in between
     # stores a newer body under the older key, and the next request, reading the new key,

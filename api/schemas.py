@@ -1,150 +1,84 @@
 """Request and response bodies, named by role (`JobCreate`, `JobRead`, `JobsPage`, ...).
 
-`JobCreate` is the only door for user input into a training run: unknown fields are refused, every
-number is bounded and finite, and names are checked against the library's registries (one source of
-truth; the error lists what is accepted). Paths, the device and the output directory are never
-accepted from the client: the server fills them in (`api.jobs.create_job`).
+None of the shapes is written out here field by field where another declaration exists:
+
+* `JobCreate`, the only door for user input into a training run, is generated from the library's
+  spec (`jumpout.spec.FIELDS`): one field per spec field that an API client may set (the
+  `operator` fields, paths, device and loader processes, are the server's: `jobstore.jobs`),
+  typed and bounded in the OpenAPI schema as the spec says, and each value checked by the spec's
+  own `FieldSpec.check`, so the API, the command line and the library refuse the same values
+  with the same message. Unknown fields are refused.
+* `JobRead` is the job's read shape: the job columns marked `READ` (`jobstore.tables`) plus
+  progress, result and owner, built by `jobstore.jobs.job_view`.
+* `EpochMetricRead` has one field per metric column (`jobstore.tables.METRIC_FIELDS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
-from api.settings import get_settings
+from jobstore.jobs import job_view
+from jobstore.tables import LAYER_FIELDS, METRIC_FIELDS, READ_COLUMNS, JobStatus
+from jumpout.spec import FIELDS, MAX_MILESTONES, ConfigError, FieldSpec, Method, TrainConfig
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-Method = Literal["none", "dropout", "jumpout"]
-
-MAX_NAME_LENGTH = 64
-
-
-def _names(items: Any) -> list[str]:
-    return sorted(str(getattr(item, "name", item)) for item in items)
+REQUIRED_FIELDS = ("dataset", "architecture")
+CLIENT_FIELDS = tuple(name for name, spec in FIELDS.items() if not spec.operator)
+"""The spec fields an API client may set, in the spec's order."""
 
 
-def accepted_datasets() -> list[str]:
-    from jumpout.data import list_datasets
-
-    return _names(list_datasets())
-
-
-def accepted_architectures() -> list[str]:
-    from jumpout.models import list_models
-
-    return _names(list_models())
-
-
-def accepted_ablations() -> list[str]:
-    from jumpout.layer import list_ablations
-
-    return _names(list_ablations())
-
-
-def _check_name(kind: str, value: str, accepted: list[str]) -> str:
-    if value not in accepted:
-        shown = value if len(value) <= MAX_NAME_LENGTH else value[:MAX_NAME_LENGTH] + "..."
-        raise ValueError(f"unknown {kind} {shown!r}; accepted: {', '.join(accepted)}")
-    return value
-
-
-class JobCreate(BaseModel):
-    """A job spec as submitted. Omitted fields take the recipe's defaults for the pair."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    # The accepted names are listed in the OpenAPI schema too (as an enum, filled in when the
-    # schema is generated, so importing this module does not load the registries).
-    dataset: str = Field(
-        description="a dataset name from the library's registry",
-        json_schema_extra=lambda schema: schema.update(enum=accepted_datasets()),
-    )
-    architecture: str = Field(
-        description="a model name from the library's registry",
-        json_schema_extra=lambda schema: schema.update(enum=accepted_architectures()),
-    )
-    method: Method | None = None
-    sigma: float | None = Field(None, ge=0, le=10)
-    p_min: float | None = Field(None, ge=0, lt=1)
-    p_max: float | None = Field(None, ge=0, lt=1)
-    dropout_rate: float | None = Field(None, ge=0, le=0.99)
-    ablation: str | None = None
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0, le=10)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    momentum: float | None = Field(None, ge=0, lt=1)
-    nesterov: bool | None = None
-    weight_decay: float | None = Field(None, ge=0, le=1)
-    schedule: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_]*$")
-    milestones: list[int] | None = Field(None, max_length=64)
-    gamma: float | None = Field(None, gt=0, le=1)
-    augment: bool | None = None
-    batch_norm: bool | None = None
-    train_size: int | None = Field(None, ge=1, le=10_000_000)
-    test_size: int | None = Field(None, ge=1, le=10_000_000)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        return _check_name("dataset", value, accepted_datasets())
-
-    @field_validator("architecture")
-    @classmethod
-    def _known_architecture(cls, value: str) -> str:
-        return _check_name("architecture", value, accepted_architectures())
-
-    @field_validator("ablation")
-    @classmethod
-    def _known_ablation(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        # Table-1 rows are written with capital roman numerals; accept any case.
-        accepted = accepted_ablations()
-        canonical = {name.lower(): name for name in accepted}.get(value.lower(), value)
-        return _check_name("ablation", canonical, accepted)
-
-    @field_validator("epochs")
-    @classmethod
-    def _bounded_epochs(cls, value: int | None) -> int | None:
-        limit = get_settings().max_epochs
-        if value is not None and value > limit:
-            raise ValueError(f"at most {limit} epochs on this server (max_epochs)")
-        return value
-
-    @field_validator("batch_size")
-    @classmethod
-    def _bounded_batch_size(cls, value: int | None) -> int | None:
-        limit = get_settings().max_batch_size
-        if value is not None and value > limit:
-            raise ValueError(f"at most {limit} on this server (max_batch_size)")
-        return value
-
-    @field_validator("milestones")
-    @classmethod
-    def _bounded_milestones(cls, value: list[int] | None) -> list[int] | None:
-        limit = get_settings().max_epochs
-        if value is not None and any(not 1 <= m <= limit for m in value):
-            raise ValueError(f"each milestone must be an epoch between 1 and {limit} (max_epochs)")
-        return value
-
-    @field_validator("p_max")
-    @classmethod
-    def _above_p_min(cls, value: float | None, info: ValidationInfo) -> float | None:
-        p_min = info.data.get("p_min")
-        if value is not None and p_min is not None and p_min >= value:
-            raise ValueError(f"must be above p_min ({p_min:g})")
-        return value
-
-    def overrides(self) -> dict[str, Any]:
-        """The fields the client set, minus the pair itself: what goes to resolve_config."""
-        return self.model_dump(exclude_unset=True, exclude={"dataset", "architecture"})
+def _request_field(spec: FieldSpec) -> tuple[Any, Any]:
+    """The annotation and `Field` of one spec field in `JobCreate` (bounds for the schema)."""
+    constraints: dict[str, Any] = {}
+    if spec.kind in ("int", "float"):
+        annotation: Any = int if spec.kind == "int" else float
+        constraints["gt" if spec.low_open else "ge"] = spec.low
+        constraints["lt" if spec.high_open else "le"] = spec.high
+    elif spec.kind == "bool":
+        annotation = bool
+    elif spec.kind == "choice":
+        annotation = Literal[spec.choices]
+    elif spec.kind == "epochs":
+        annotation = list[int]
+        constraints["max_length"] = MAX_MILESTONES
+    else:  # pragma: no cover - paths are operator fields
+        annotation = str
+    description = f"{spec.help}: {spec.accepted()}"
+    if spec.name in REQUIRED_FIELDS:
+        return annotation, Field(description=description, **constraints)
+    if spec.recipe:
+        description += "; omitted: the recipe's value for the (dataset, architecture) pair"
+    elif not spec.nullable:
+        description += f"; omitted: {_default(spec.name)!r}"
+    return annotation | None, Field(None, description=description, **constraints)
 
 
-def job_create_fields() -> list[str]:
-    return list(JobCreate.model_fields)
+def _default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def _check_with_spec(cls, value: Any, info: ValidationInfo) -> Any:
+    # null means "the recipe's value" for a field that has no null of its own.
+    if value is None and info.field_name not in REQUIRED_FIELDS:
+        return None
+    try:
+        return FIELDS[info.field_name].check(value)
+    except ConfigError as error:
+        raise ValueError(error.message) from None
+
+
+JobCreate = create_model(
+    "JobCreate",
+    __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
+    __doc__="A job spec as submitted. Omitted fields take the recipe's defaults for the pair.",
+    __validators__={
+        "check_with_spec": field_validator(*CLIENT_FIELDS, mode="before")(_check_with_spec)
+    },
+    **{name: _request_field(FIELDS[name]) for name in CLIENT_FIELDS},
+)
 
 
 class Progress(BaseModel):
@@ -160,59 +94,31 @@ class JobResult(BaseModel):
     best_epoch: int | None
 
 
-class JobRead(BaseModel):
-    id: str
-    status: JobStatus
-    method: str
-    dataset: str
-    architecture: str
-    spec: dict[str, Any]
-    progress: Progress
-    attempt: int
-    max_attempts: int
-    error: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    result: JobResult
-    device: str | None
-    worker: str | None
-    owner: str | None
-    cancel_requested: bool
+def _column_field(column) -> tuple[Any, Any]:
+    annotation: Any = JobStatus if column.name == "status" else column.type.python_type
+    if column.name == "method":
+        annotation = Method
+    return (annotation | None if column.nullable else annotation), ...
 
+
+class _JobReadBase(BaseModel):
     @classmethod
-    def from_job(cls, job) -> JobRead:
-        epochs = job.epochs or 0
-        fraction = min(1.0, job.epoch / epochs) if epochs else 0.0
-        eta = None
-        if job.status == "running" and job.epoch_seconds is not None:
-            eta = max(0, epochs - job.epoch) * job.epoch_seconds
-        elif job.status == "succeeded":
-            eta = 0.0
-        return cls(
-            id=job.id,
-            status=job.status,
-            method=job.method,
-            dataset=job.dataset,
-            architecture=job.architecture,
-            spec=job.spec,
-            progress=Progress(epoch=job.epoch, epochs=epochs, fraction=fraction, eta_seconds=eta),
-            attempt=job.attempt,
-            max_attempts=job.max_attempts,
-            error=job.error,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            result=JobResult(
-                final_accuracy=job.final_accuracy,
-                best_accuracy=job.best_accuracy,
-                best_epoch=job.best_epoch,
-            ),
-            device=job.device,
-            worker=job.worker,
-            owner=job.owner.name if job.owner is not None else None,
-            cancel_requested=job.cancel_requested,
-        )
+    def from_job(cls, job, *, owner: str | None = None) -> JobRead:
+        """From a `Job` (its owner loaded with it)."""
+        if owner is None and job.owner is not None:
+            owner = job.owner.name
+        return cls.model_validate(job_view(job, owner=owner))
+
+
+JobRead = create_model(
+    "JobRead",
+    __base__=_JobReadBase,
+    __doc__="A job: its columns marked READ, progress (epoch, fraction, ETA), result, owner.",
+    **{column.name: _column_field(column) for column in READ_COLUMNS},
+    progress=(Progress, ...),
+    result=(JobResult, ...),
+    owner=(str | None, ...),
+)
 
 
 class JobsPage(BaseModel):
@@ -220,24 +126,21 @@ class JobsPage(BaseModel):
     next_cursor: str | None
 
 
-class LayerStats(BaseModel):
-    name: str
-    active_fraction: float | None = None
-    rate: float | None = None
+LayerStats = create_model(
+    "LayerStats",
+    __doc__="One dropout slot in one epoch: its name and what it did (the paper's Figure 1).",
+    name=(str, ...),
+    **{name: (float | None, None) for name in LAYER_FIELDS},
+)
 
-
-class EpochMetricRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    epoch: int
-    train_loss: float | None
-    train_accuracy: float | None
-    test_loss: float | None
-    test_accuracy: float | None
-    lr: float | None
-    seconds: float | None
-    images_per_second: float | None
-    layers: list[LayerStats]
+EpochMetricRead = create_model(
+    "EpochMetricRead",
+    __config__=ConfigDict(from_attributes=True),
+    __doc__="One finished epoch: every metric column, and the dropout slots.",
+    epoch=(int, ...),
+    **{name: (float | None, ...) for name in METRIC_FIELDS},
+    layers=(list[LayerStats], ...),
+)
 
 
 class MetricsPage(BaseModel):

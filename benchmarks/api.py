@@ -145,8 +145,8 @@ class OwnStack:
 def seed_job(epochs: int = 200) -> str:
     """A job row with `epochs` metrics rows, written through the service functions (no training,
     not enqueued)."""
-    from api import jobs
-    from api.db import session_scope
+    from jobstore import jobs
+    from jobstore.db import session_scope
 
     with session_scope() as session:
         job = jobs.create_job(
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         url = args.url or stack.url
         headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
         job_id = seed_job()
-        from api.settings import get_settings
+        from jobstore.settings import get_settings
 
         backend = get_settings().database_url.split(":", 1)[0]
         rows = []

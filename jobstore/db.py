@@ -1,4 +1,4 @@
-"""Engines, sessions and migrations.
+"""Engines, sessions, retried transactions and migrations of the job store.
 
 SQLite is the embedded default and is written by several processes (the API, the worker's
 supervisor, the trainer child): every connection runs in WAL mode with a 30 s busy timeout and
@@ -10,21 +10,31 @@ BEGIN costs little.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.settings import get_settings
+from jobstore.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS_DIR = REPO_ROOT / "migrations"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# How long `call` retries a database that is briefly unavailable before giving up.
+RETRY_FOR_S = 60.0
 
 # One engine per (url, process): pooled connections must never cross a fork.
 _engines: dict[tuple[str, int], Engine] = {}
@@ -93,11 +103,24 @@ def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
     )
 
 
+def forget_inherited_engines() -> None:
+    """In a freshly forked process: drop the parent's engines without closing their connections
+    (closing a PostgreSQL connection sends a goodbye on the parent's socket); this process opens
+    its own on first use."""
+    pid = os.getpid()
+    for cache in (_engines, _read_engines):
+        for key in [key for key in cache if key[1] != pid]:
+            cache.pop(key).dispose(close=False)
+    for key in [key for key in _sessionmakers if key[1] != pid]:
+        del _sessionmakers[key]
+
+
 def get_engine(url: str | None = None) -> Engine:
     """The shared engine of this process for `url` (default: settings.database_url)."""
     key = (url or get_settings().database_url, os.getpid())
     engine = _engines.get(key)
     if engine is None:
+        forget_inherited_engines()
         engine = _engines[key] = make_engine(key[0])
     return engine
 
@@ -143,6 +166,35 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def _transient(error: Exception) -> bool:
+    if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return True
+    return isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+
+
+def call(fn: Callable[..., T], *args: Any, retry_for_s: float = RETRY_FOR_S, **kwargs: Any) -> T:
+    """Run ``fn(session, *args, **kwargs)`` in its own session and commit: how the worker, the
+    trainer and the reaper reach the store. A database that is briefly unavailable (a restart, a
+    failover, SQLite busy beyond its timeout) is retried with backoff for ``retry_for_s`` seconds
+    rather than dropping a metric or a heartbeat; other errors are raised at once."""
+    deadline = time.monotonic() + retry_for_s
+    delay = 0.25
+    while True:
+        try:
+            with get_sessionmaker()() as session:
+                result = fn(session, *args, **kwargs)
+                session.commit()
+                return result
+        except sa_exc.SQLAlchemyError as error:
+            if not _transient(error) or time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "database unavailable (%s); retrying %s in %.1fs", error, fn.__name__, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def get_session() -> Iterator[Session]:

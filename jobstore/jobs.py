@@ -1,7 +1,8 @@
-"""Plain service functions over the store, used by the routes and by the worker.
+"""The job's state transitions and read shapes: plain service functions over the store, used by the
+routes and by the worker.
 
 Every function takes the session first and keyword-only arguments after the ids, and commits its
-own short transaction (on SQLite each transaction holds the write lock, see `api.db`). State
+own short transaction (on SQLite each transaction holds the write lock, see `jobstore.db`). State
 changes that can race (claim, cancel, finish, requeue) are conditional UPDATEs: the loser of a race
 sees no row changed and backs off, so a redelivered Celery message never runs a job twice.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.errors import (
+from jobstore.errors import (
     CheckpointGone,
     CheckpointNotFound,
     CheckpointRefused,
@@ -37,33 +37,25 @@ from api.errors import (
     ServerMisconfigured,
     TooManyQueued,
 )
-from api.models import (
-    FINISHED_STATUSES,
+from jobstore.settings import get_settings
+from jobstore.tables import (
+    FINAL_STATUSES,
+    LAYER_FIELDS,
+    METRIC_FIELDS,
+    READ_COLUMNS,
     ApiToken,
     Checkpoint,
     EpochMetric,
     Job,
+    JobStatus,
     new_job_id,
     utcnow,
 )
-from api.settings import get_settings
+from jumpout.spec import FIELDS, ConfigError, TrainConfig, resolve_config
 
 logger = logging.getLogger(__name__)
 
-# Fields of the resolved spec that the server decides, never the client.
-SERVER_FIELDS = ("data_dir", "out_dir", "device")
-
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-
-METRIC_FIELDS = (
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "lr",
-    "seconds",
-    "images_per_second",
-)
 
 
 # --- submitting and reading ------------------------------------------------------------------
@@ -73,54 +65,29 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
     """Resolve `spec` (dataset, architecture and overrides) with the recipe defaults and store a
     queued job owned by `owner_id` (None: anonymous). The caller enqueues it after this commits.
 
-    The server, not the client, decides where data and outputs live and which device to use.
-    Raises `InvalidSpec` naming the field when the library refuses the spec, `TooManyQueued`
-    when the owner already has `max_queued_per_token` queued jobs.
+    The server, not the client, decides where data and outputs live and which device to use (the
+    spec's `operator` fields). Raises `InvalidSpec` naming the field when the spec refuses a
+    value or a value is over this server's limits, `TooManyQueued` when the owner already has
+    `max_queued_per_token` queued jobs.
     """
-    from jumpout.recipes import ConfigError, resolve_config
-
     settings = get_settings()
     job_id = new_job_id()
     overrides = {k: v for k, v in spec.items() if k not in ("dataset", "architecture")}
-    overrides.update(  # SERVER_FIELDS
-        data_dir=str(settings.data_dir),
-        out_dir=str(Path(settings.artifact_dir) / "jobs" / job_id),
-        device=settings.device,
-    )
+    overrides.update(server_fields(job_id))
     try:
         config = resolve_config(spec["dataset"], spec["architecture"], **overrides)
     except ConfigError as exc:
-        field = str(getattr(exc, "field", None) or "spec")
-        message = str(getattr(exc, "message", None) or exc)
-        if field in SERVER_FIELDS:
+        if FIELDS.get(exc.field) is not None and FIELDS[exc.field].operator:
             # Not the client's fault: a JUMPOUT_* setting the library refuses.
-            logger.error("the %s setting is refused by the library: %s", field, message)
+            logger.error("the %s setting is refused by the library: %s", exc.field, exc.message)
             raise ServerMisconfigured(
-                f"the server's {field} setting is invalid: {message}"
+                f"the server's {exc.field} setting is invalid: {exc.message}"
             ) from None
         raise InvalidSpec(
-            f"invalid value for: {field}", fields=[FieldError(field, message)]
+            f"invalid value for: {exc.field}", fields=[FieldError(exc.field, exc.message)]
         ) from None
-    except (ValueError, TypeError) as exc:
-        logger.warning("resolve_config refused a spec with a non-ConfigError: %r", exc)
-        raise InvalidSpec(
-            "the job spec was refused", fields=[FieldError("spec", str(exc))]
-        ) from None
-    for field, setting in (("epochs", "max_epochs"), ("batch_size", "max_batch_size")):
-        # JobCreate bounds what the client sends; the recipe's default must fit the limit too.
-        value, limit = getattr(config, field), getattr(settings, setting)
-        if value > limit:
-            raise InvalidSpec(
-                f"invalid value for: {field}",
-                fields=[
-                    FieldError(
-                        field,
-                        f"the recipe's default {field} ({value}) is over this server's limit "
-                        f"of {limit} ({setting}): set {field} to at most {limit}",
-                    )
-                ],
-            )
-    resolved = json.loads(json.dumps(dataclasses.asdict(config)))
+    _check_server_limits(config, given=spec)
+    resolved = config.to_dict()
 
     if owner_id is not None:
         # Serialise submissions per token (row lock on PostgreSQL; SQLite's BEGIN IMMEDIATE
@@ -130,7 +97,7 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
         select(func.count())
         .select_from(Job)
         .where(Job.owner_id.is_(None) if owner_id is None else Job.owner_id == owner_id)
-        .where(Job.status == "queued")
+        .where(Job.status == JobStatus.QUEUED)
     )
     limit = settings.max_queued_per_token
     if queued >= limit:
@@ -141,23 +108,66 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
         )
     job = Job(
         id=job_id,
-        status="queued",
+        status=JobStatus.QUEUED,
         spec=resolved,
-        method=resolved["method"],
-        dataset=resolved["dataset"],
-        architecture=resolved["architecture"],
+        method=config.method,
+        dataset=config.dataset,
+        architecture=config.architecture,
         owner_id=owner_id,
         attempt=0,
         max_attempts=settings.max_attempts,
-        epochs=resolved["epochs"],
+        epochs=config.epochs,
         epoch=0,
-        device=resolved.get("device"),
+        device=config.device,
         cancel_requested=False,
         created_at=utcnow(),
     )
     session.add(job)
     session.commit()
     return job
+
+
+def server_fields(job_id: str) -> dict[str, Any]:
+    """The spec's `operator` fields as this server sets them for a job: where the data sets are,
+    where the job's checkpoints go, which device trains, how many loader processes."""
+    settings = get_settings()
+    return {
+        "data_dir": str(settings.data_dir),
+        "out_dir": str(job_directory(job_id)),
+        "device": settings.device,
+        "num_workers": settings.num_workers,
+    }
+
+
+def job_directory(job_id: str) -> Path:
+    """Where a job's checkpoints, log and result file live."""
+    return Path(get_settings().artifact_dir) / "jobs" / job_id
+
+
+def _check_server_limits(config: TrainConfig, *, given: dict[str, Any]) -> None:
+    """This server may allow less than the spec (`max_epochs`, `max_batch_size`); the limit
+    applies to the recipe's default as much as to a value the client sent. Every field over a
+    limit is named at once."""
+    settings = get_settings()
+    errors = []
+    for field, setting in (("epochs", "max_epochs"), ("batch_size", "max_batch_size")):
+        value, limit = getattr(config, field), getattr(settings, setting)
+        if value <= limit:
+            continue
+        if field in given:
+            message = f"at most {limit} on this server ({setting}), got {value}"
+        else:
+            message = (
+                f"the recipe's default {field} ({value}) is over this server's limit "
+                f"of {limit} ({setting}): set {field} to at most {limit}"
+            )
+        errors.append(FieldError(field, message))
+    if any(milestone > settings.max_epochs for milestone in config.milestones):
+        message = f"each milestone must be an epoch of at most {settings.max_epochs} (max_epochs)"
+        errors.append(FieldError("milestones", message))
+    if errors:
+        names = ", ".join(error.field for error in errors)
+        raise InvalidSpec(f"invalid value for: {names}", fields=errors)
 
 
 def _is_job_id(value: str) -> bool:
@@ -293,14 +303,14 @@ def request_cancel(session: Session, job_id: str, *, token) -> Job:
     now = utcnow()
     cancelled = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now)
     ).rowcount
     flagged = (
         cancelled
         or session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "running")
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
             .values(cancel_requested=True)
         ).rowcount
     )
@@ -327,9 +337,9 @@ def claim_job(session: Session, job_id: str, *, worker: str) -> Job | None:
     now = utcnow()
     claimed = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             attempt=Job.attempt + 1,
             worker=worker,
             heartbeat_at=now,
@@ -347,7 +357,7 @@ def heartbeat(session: Session, job_id: str, *, attempt: int) -> bool:
     attempt (requeued by the reaper, finished, cancelled): the caller should stop."""
     touched = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt)
         .values(heartbeat_at=utcnow())
     ).rowcount
     session.commit()
@@ -382,21 +392,61 @@ def _upsert(session: Session, model, values: dict[str, Any], keys: list[str], up
     session.execute(statement)
 
 
+def metric_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of one of the engine's epoch dicts: every metric column by name
+    (non-finite values as null) and per dropout slot its name and `LAYER_FIELDS`."""
+    row: dict[str, Any] = {"epoch": int(metrics["epoch"])}
+    for name in METRIC_FIELDS:
+        row[name] = _finite(metrics.get(name))
+    row["layers"] = [
+        {"name": str(layer.get("name")), **{key: _finite(layer.get(key)) for key in LAYER_FIELDS}}
+        for layer in metrics.get("layers") or []
+    ]
+    return row
+
+
+def metric_view(row: Any) -> dict[str, Any]:
+    """One epoch as the API serves it (`api.schemas.EpochMetricRead`), from an `EpochMetric`
+    or a Core row of its columns."""
+    view = {"epoch": row.epoch, **{name: getattr(row, name) for name in METRIC_FIELDS}}
+    view["layers"] = [
+        {"name": str(layer.get("name")), **{key: layer.get(key) for key in LAYER_FIELDS}}
+        for layer in row.layers or ()
+    ]
+    return view
+
+
+def job_view(job: Any, *, owner: str | None) -> dict[str, Any]:
+    """A job as the API serves it (`api.schemas.JobRead`), from a `Job` or a Core row of its
+    columns: the columns marked `READ` as they are, plus progress (with an ETA from the mean
+    epoch time) and result. Datetimes stay datetimes; the caller serialises."""
+    view = {column.name: getattr(job, column.name) for column in READ_COLUMNS}
+    epochs = job.epochs or 0
+    eta = None
+    if job.status == JobStatus.RUNNING and job.epoch_seconds is not None:
+        eta = float(max(0, epochs - job.epoch) * job.epoch_seconds)
+    elif job.status == JobStatus.SUCCEEDED:
+        eta = 0.0
+    view["cancel_requested"] = bool(job.cancel_requested)
+    view["progress"] = {
+        "epoch": job.epoch,
+        "epochs": epochs,
+        "fraction": float(min(1.0, job.epoch / epochs)) if epochs else 0.0,
+        "eta_seconds": eta,
+    }
+    view["result"] = {
+        "final_accuracy": job.final_accuracy,
+        "best_accuracy": job.best_accuracy,
+        "best_epoch": job.best_epoch,
+    }
+    view["owner"] = owner
+    return view
+
+
 def record_epoch(session: Session, job_id: str, metrics: dict[str, Any]) -> None:
     """Store one finished epoch's metrics (upsert on (job, epoch): a resumed run that repeats an
     epoch replaces it) and refresh the job's progress and best/final accuracy."""
-    epoch = int(metrics["epoch"])
-    values: dict[str, Any] = {"job_id": job_id, "epoch": epoch, "created_at": utcnow()}
-    for name in METRIC_FIELDS:
-        values[name] = _finite(metrics.get(name))
-    values["layers"] = [
-        {
-            "name": str(layer.get("name")),
-            "active_fraction": _finite(layer.get("active_fraction")),
-            "rate": _finite(layer.get("rate")),
-        }
-        for layer in metrics.get("layers") or []
-    ]
+    values = {"job_id": job_id, **metric_row(metrics), "created_at": utcnow()}
     _upsert(
         session,
         EpochMetric,
@@ -489,16 +539,20 @@ def finish_job(
     session: Session,
     job_id: str,
     *,
-    status: str,
+    status: JobStatus,
     error: str | None = None,
     attempt: int | None = None,
 ) -> bool:
-    """Move a running job to `status` ("succeeded", "failed" or "cancelled") and stamp
-    finished_at. Conditional: only from running (and, for "cancelled", from queued). With
-    `attempt`, only if that attempt still owns the job. True when this call changed the row."""
-    if status not in FINISHED_STATUSES:
-        raise ValueError(f"status must be one of {', '.join(FINISHED_STATUSES)}, not {status!r}")
-    allowed = ("running", "queued") if status == "cancelled" else ("running",)
+    """Move a running job to a final `status` and stamp finished_at. Conditional: only from
+    running (and, for cancelled, from queued). With `attempt`, only if that attempt still owns
+    the job. True when this call changed the row."""
+    if status not in FINAL_STATUSES:
+        raise ValueError(
+            f"status must be one of {', '.join(sorted(FINAL_STATUSES))}, not {status!r}"
+        )
+    allowed = [JobStatus.RUNNING]
+    if status == JobStatus.CANCELLED:
+        allowed.append(JobStatus.QUEUED)
     query = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
     if attempt is not None:
         query = query.where(Job.attempt == attempt)
@@ -519,7 +573,7 @@ def requeue_job(
     the reason in `error`. A shutdown is not the job's fault: `count_attempt=False` gives the
     attempt back. False when that attempt no longer owns the job (nothing changed)."""
     values: dict[str, Any] = {
-        "status": "queued",
+        "status": JobStatus.QUEUED,
         "worker": None,
         "heartbeat_at": None,
         "error": error,
@@ -528,7 +582,7 @@ def requeue_job(
         values["attempt"] = Job.attempt - 1
     changed = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempt == attempt)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt)
         .values(**values)
     ).rowcount
     session.commit()
@@ -544,7 +598,7 @@ def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int)
     cutoff = now - timedelta(seconds=timeout_s)
     stale = session.execute(
         select(Job.id, Job.attempt, Job.cancel_requested, Job.heartbeat_at).where(
-            Job.status == "running",
+            Job.status == JobStatus.RUNNING,
             or_(
                 Job.heartbeat_at < cutoff, and_(Job.heartbeat_at.is_(None), Job.started_at < cutoff)
             ),
@@ -555,22 +609,22 @@ def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int)
         # Conditional on the heartbeat we saw: a worker that wakes up in between keeps its job.
         guard = update(Job).where(
             Job.id == job_id,
-            Job.status == "running",
+            Job.status == JobStatus.RUNNING,
             Job.attempt == attempt,
             Job.heartbeat_at.is_(None) if beat is None else Job.heartbeat_at == beat,
         )
         if cancel:
-            values = {"status": "cancelled", "finished_at": now, "error": None}
+            values = {"status": JobStatus.CANCELLED, "finished_at": now, "error": None}
         elif attempt >= max_attempts:
             values = {
-                "status": "failed",
+                "status": JobStatus.FAILED,
                 "finished_at": now,
                 "error": f"worker lost {attempt} times (heartbeat timeout)",
             }
         else:
-            values = {"status": "queued", "worker": None, "heartbeat_at": None}
+            values = {"status": JobStatus.QUEUED, "worker": None, "heartbeat_at": None}
         changed = session.execute(guard.values(**values)).rowcount
-        if changed and values["status"] == "queued":
+        if changed and values["status"] == JobStatus.QUEUED:
             requeued.append(job_id)
     session.commit()
     return requeued
@@ -579,7 +633,9 @@ def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int)
 def queued_job_ids(session: Session) -> list[str]:
     """Every queued job, oldest first (for a reconciler that re-enqueues after a broker outage)."""
     ids = list(
-        session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.created_at))
+        session.scalars(
+            select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
+        )
     )
     session.commit()
     return ids

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
-from api.settings import get_settings
+from jobstore.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
-TASK_NAME = "jumpout.run_job"
+# The names the API, the reaper and the Celery worker agree on, declared once.
 QUEUE = "jobs"
+RUN_JOB_TASK = "jumpout.run_job"
+REAP_TASK = "jumpout.reap"
+TASK_PATTERN = "jumpout.*"
 # Fail fast when the broker is down: the job row is already committed and a reconciler (or a
 # later re-submit) can enqueue it again, so the request must not hang on retries.
 PUBLISH_RETRY_POLICY = {
@@ -50,7 +53,7 @@ def celery_app():
 def enqueue_job(job_id: str) -> None:
     """Send `jumpout.run_job(job_id)` to the `jobs` queue. Raises when the broker is unreachable."""
     celery_app().send_task(
-        TASK_NAME, args=[job_id], queue=QUEUE, retry=True, retry_policy=PUBLISH_RETRY_POLICY
+        RUN_JOB_TASK, args=[job_id], queue=QUEUE, retry=True, retry_policy=PUBLISH_RETRY_POLICY
     )
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jumpout.spec import FIELDS, Device
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JUMPOUT_", extra="ignore")
@@ -34,16 +36,22 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     reaper_interval: float = Field(10.0, gt=0)
+    # How long a queued job may be missing from the broker before the reaper sends it again
+    # (shorter for tests, or for faster recovery after a Redis restart).
+    reconcile_after: float = Field(60.0, gt=0)
     cancel_grace: float = Field(30.0, ge=0)
     # Redis redelivers unacknowledged messages after this; it must exceed the longest job.
     visibility_timeout: float = Field(7 * 24 * 3600.0, gt=0)
 
-    max_epochs: int = Field(1000, ge=1)
-    max_batch_size: int = Field(4096, ge=1)
+    # This server's limits may be below the spec's (jumpout.spec), never above.
+    max_epochs: int = Field(FIELDS["epochs"].high, ge=1, le=FIELDS["epochs"].high)
+    max_batch_size: int = Field(FIELDS["batch_size"].high, ge=1, le=FIELDS["batch_size"].high)
     max_queued_per_token: int = Field(100, ge=1)
     max_request_bytes: int = Field(64 * 1024, ge=1024)
 
-    device: str = "auto"
+    device: Device = Device.AUTO
+    # DataLoader processes per training job.
+    num_workers: int = Field(0, ge=0, le=FIELDS["num_workers"].high)
     worker_name: str = Field(default_factory=socket.gethostname)
 
     # Sync routes run in Starlette's thread pool (40 threads); pool_size + max_overflow must

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -37,9 +38,27 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-METHODS = ("none", "dropout", "jumpout")
+
+class JobStatus(StrEnum):
+    """Where a job is in its life: queued -> running -> one of the three final states (a running
+    job goes back to queued when its attempt is lost; a queued one may be cancelled)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# Columns with this `info` are part of the job's read shape as they are (`jobstore.jobs.job_view`,
+# `api.schemas.JobRead`): adding such a column adds the field to the API.
+READ = {"read": True}
 
 
 def utcnow() -> datetime:
@@ -94,29 +113,29 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"
+            "status IN (" + ", ".join(f"'{status}'" for status in JobStatus) + ")", name="status"
         ),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_owner_id_status", "owner_id", "status"),
     )
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id, info=READ)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, info=READ)
     # The TrainConfig as resolved at submit time (recipe defaults filled), as JSON.
-    spec: Mapped[dict[str, Any]] = mapped_column(JSONValue)
-    method: Mapped[str] = mapped_column(String(16), index=True)
-    dataset: Mapped[str] = mapped_column(String(64), index=True)
-    architecture: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONValue, info=READ)
+    method: Mapped[str] = mapped_column(String(16), index=True, info=READ)
+    dataset: Mapped[str] = mapped_column(String(64), index=True, info=READ)
+    architecture: Mapped[str] = mapped_column(String(64), info=READ)
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"))
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempt: Mapped[int] = mapped_column(Integer, default=0, info=READ)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3, info=READ)
+    error: Mapped[str | None] = mapped_column(Text, info=READ)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, info=READ)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, info=READ)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, info=READ)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, info=READ)
     epoch: Mapped[int] = mapped_column(Integer, default=0)
     epochs: Mapped[int] = mapped_column(Integer)
     # Mean wall time of the recorded epochs, for the ETA.
@@ -124,14 +143,19 @@ class Job(Base):
     best_accuracy: Mapped[float | None] = mapped_column(Float)
     best_epoch: Mapped[int | None] = mapped_column(Integer)
     final_accuracy: Mapped[float | None] = mapped_column(Float)
-    device: Mapped[str | None] = mapped_column(String(64))
-    worker: Mapped[str | None] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(64), info=READ)
+    worker: Mapped[str | None] = mapped_column(String(255), info=READ)
 
     owner: Mapped[ApiToken | None] = relationship(lazy="joined")
 
 
 class EpochMetric(Base):
-    """One row per finished epoch; (job_id, epoch) is unique so a resumed run upserts."""
+    """One row per finished epoch; (job_id, epoch) is unique so a resumed run upserts.
+
+    Every float column below `epoch` is a metric: `METRIC_FIELDS` is read off this table, so a
+    new metric is one column here (and its migration); the engine's epoch dict fills it by name
+    and the API serves it. `layers` holds one dict per dropout slot with `LAYER_FIELDS`.
+    """
 
     __tablename__ = "epoch_metrics"
     __table_args__ = (UniqueConstraint("job_id", "epoch"),)
@@ -164,3 +188,15 @@ class Checkpoint(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     is_best: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+METRIC_FIELDS: tuple[str, ...] = tuple(
+    column.name for column in EpochMetric.__table__.columns if isinstance(column.type, Float)
+)
+"""The per-epoch metrics, in column order (train_loss, train_accuracy, ...)."""
+
+LAYER_FIELDS = ("active_fraction", "rate")
+"""What is stored per dropout slot and epoch (besides its name): the paper's Figure 1."""
+
+READ_COLUMNS = tuple(column for column in Job.__table__.columns if column.info.get("read"))
+"""The job columns served as they are (marked `READ`)."""

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from jumpout.recipes import ConfigError, TrainConfig, resolve_config
+from jumpout.spec import ABLATIONS, FIELDS, ConfigError, TrainConfig, resolve_config
 
 __all__ = ["main", "build_parser"]
 
@@ -83,68 +83,64 @@ _PAPER_TABLE1: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
 }
 
 
-class _UsageError(Exception):
-    """A command-line value that is wrong before any config exists."""
-
-
-def _milestones(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"milestones must be comma-separated epochs like 60,120,160, got {text!r}"
-        ) from None
+# Options of ``train`` and ``ablation`` that are not fields of the spec, and the command line's
+# own defaults for fields (the spec leaves data_dir to whoever runs the training).
+_NOT_CONFIG = {"command", "download", "resume", "func"}
+_CLI_DEFAULTS = {"data_dir": "data"}
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, method: bool = True) -> None:
-    """Options shared by ``train`` and ``ablation``; unset ones keep the recipe's value."""
-    parser.add_argument("--dataset", required=True, help="dataset name (see list in errors)")
-    parser.add_argument("--architecture", "--arch", required=True, help="model name")
-    if method:
-        parser.add_argument("--method", choices=("none", "dropout", "jumpout"))
-        parser.add_argument("--ablation", help="a Table-1 row, e.g. dropout+I+II")
-    group = parser.add_argument_group("regularisation")
-    group.add_argument("--sigma", type=float)
-    group.add_argument("--p-min", dest="p_min", type=float)
-    group.add_argument("--p-max", dest="p_max", type=float)
-    group.add_argument("--dropout-rate", "--rate", dest="dropout_rate", type=float)
-    group = parser.add_argument_group("optimisation (defaults: the recipe)")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--batch-size", dest="batch_size", type=int)
-    group.add_argument("--lr", type=float)
-    group.add_argument("--momentum", type=float)
-    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--weight-decay", dest="weight_decay", type=float)
-    group.add_argument("--schedule", choices=("step", "cosine", "constant", "step_momentum"))
-    group.add_argument("--milestones", type=_milestones, help="comma-separated epochs")
-    group.add_argument("--gamma", type=float)
-    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--seed", type=int)
-    group = parser.add_argument_group("data, output and device")
-    group.add_argument("--data-dir", dest="data_dir", default="data")
-    group.add_argument("--out", dest="out_dir", help="directory for checkpoints")
-    group.add_argument("--download", action="store_true", help="let torchvision fetch the data")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    group.add_argument("--num-workers", dest="num_workers", type=int)
-    group.add_argument("--keep-last", dest="keep_last", type=int)
-    group.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--train-size", dest="train_size", type=int, help="cap (smoke tests)")
-    group.add_argument("--test-size", dest="test_size", type=int, help="cap (smoke tests)")
-
-
-_NOT_CONFIG = {"command", "dataset", "architecture", "download", "resume", "func"}
+    """One option per field of the spec (`jumpout.spec.FIELDS`); unset ones keep the recipe's
+    value. Values are parsed and checked by the spec, not by argparse, so a bad one gets the
+    spec's message (and exit status 2, see `main`)."""
+    groups = {
+        "required": parser.add_argument_group("what to train"),
+        "regularisation": parser.add_argument_group("regularisation"),
+        "optimisation": parser.add_argument_group("optimisation (defaults: the recipe)"),
+        "operator": parser.add_argument_group("data, output and device"),
+    }
+    for name, spec in FIELDS.items():
+        if not method and name in ("method", "ablation"):
+            continue
+        flags = ["--" + name.replace("_", "-"), *spec.flags]
+        help_text = f"{spec.help}: {spec.accepted()}"
+        if spec.recipe:
+            help_text += " (default: the recipe's)"
+        if name in ("dataset", "architecture"):
+            group = groups["required"]
+        elif name in ("method", "ablation", "dropout_rate", "sigma", "p_min", "p_max"):
+            group = groups["regularisation"]
+        elif spec.operator or name in ("keep_last", "keep_best", "compile"):
+            group = groups["operator"]
+        else:
+            group = groups["optimisation"]
+        if spec.kind == "bool":
+            group.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        short_choices = spec.choices and len(spec.choices) <= 4
+        metavar = "{" + ",".join(spec.choices) + "}" if short_choices else name.upper()
+        group.add_argument(
+            *flags,
+            dest=name,
+            required=name in ("dataset", "architecture"),
+            default=_CLI_DEFAULTS.get(name),
+            metavar=metavar,
+            help=help_text.replace("%", "%%"),
+        )
+    parser.add_argument("--download", action="store_true", help="let torchvision fetch the data")
 
 
 def _config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
-    overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in _NOT_CONFIG and value is not None
-    }
-    overrides.update(extra)
-    return resolve_config(args.dataset, args.architecture, **overrides)
+    """The spec's fields from the command line, each string parsed by its `FieldSpec`."""
+    values = {}
+    for key, value in vars(args).items():
+        if key in _NOT_CONFIG or value is None or key not in FIELDS:
+            continue
+        values[key] = FIELDS[key].parse(value) if isinstance(value, str) else value
+    values.update(extra)
+    return resolve_config(values.pop("dataset"), values.pop("architecture"), **values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     train.set_defaults(func=_train)
 
-    ablation = commands.add_parser("ablation", help="the eight Table-1 variants, same seed")
+    ablation = commands.add_parser(
+        "ablation",
+        help="the eight Table-1 variants, same seed",
+        description="Trains the eight rows of the paper's Table 1 with the same seed: "
+        + ", ".join(ABLATIONS)
+        + ".",
+    )
     _add_run_options(ablation, method=False)
     ablation.set_defaults(func=_ablation)
     return parser
@@ -346,9 +348,8 @@ def _ablation(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from jumpout.engine import fit
-    from jumpout.layer import list_ablations
 
-    rows = list_ablations()
+    rows = list(ABLATIONS)
     base = _config_from_args(args, ablation=rows[0], out_dir=None)
     _prepare_data(base, args.download)
     paper_column = _PAPER_TABLE1.get((base.dataset, base.architecture))

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from jumpout.spec import ABLATIONS, TABLE1_ROWS, canonical_ablation
+
 __all__ = [
     "ABLATIONS",
     "Jumpout",
@@ -191,14 +193,14 @@ class Jumpout(nn.Module):
     In training mode, for an input :math:`h` of shape :math:`(N, *)`:
 
     .. math::
-        q^+ &= rac{1}{|h|} \sum_i \mathbb{1}[h_i > 0]
-            && 	ext{(fraction of active entries)} \
+        q^+ &= \frac{1}{|h|} \sum_i \mathbb{1}[h_i > 0]
+            && \text{(fraction of active entries)} \\
         p &= \min(p_{min} + |z|, p_{max}), \quad z \sim \mathcal{N}(0, \sigma^2)
-            && 	ext{(Modification I)} \
+            && \text{(Modification I)} \\
         p' &= \min(p / q^+, p_{max\_rate})
-            && 	ext{(Modification II)} \
-        h'_i &= (1 - p')^{-\gamma} \, m_i h_i, \quad m_i \sim 	ext{Bernoulli}(1 - p')
-            && 	ext{(Modification III, } \gamma = 	ext{exponent)}
+            && \text{(Modification II)} \\
+        h'_i &= (1 - p')^{-\gamma} \, m_i h_i, \quad m_i \sim \text{Bernoulli}(1 - p')
+            && \text{(Modification III, } \gamma = \text{exponent)}
 
     :math:`q^+` is averaged over the batch, or kept per sample with ``per_sample=True`` (then the
     base rate is also drawn per sample). When no entry is active nothing is dropped. In evaluation
@@ -297,23 +299,6 @@ class Jumpout(nn.Module):
         )
 
 
-# Table 1 of the paper: which modifications each row switches on. Rows without Modification I
-# use a fixed base rate, given by the caller (the paper does not state it).
-_TABLE1_MODIFICATIONS: dict[str, frozenset[str]] = {
-    "dropout": frozenset(),
-    "dropout+I": frozenset({"I"}),
-    "dropout+II": frozenset({"II"}),
-    "dropout+III": frozenset({"III"}),
-    "dropout+I+II": frozenset({"I", "II"}),
-    "dropout+II+III": frozenset({"II", "III"}),
-    "dropout+I+III": frozenset({"I", "III"}),
-    "jumpout": frozenset({"I", "II", "III"}),
-}
-ABLATIONS: tuple[str, ...] = tuple(_TABLE1_MODIFICATIONS)
-# The paper's table spells one row "Dropout+III+I".
-_ALIASES = {"dropout+iii+i": "dropout+I+III"}
-
-
 def list_ablations() -> list[str]:
     """The Table 1 row names, in the paper's order of modifications."""
     return list(ABLATIONS)
@@ -327,12 +312,10 @@ def ablation_kwargs(name: str, *, dropout_rate: float = 0.3) -> dict:
     ``rate=None`` (the random rate). ``ablation_kwargs("dropout", dropout_rate=p)`` makes the layer
     equivalent to ``nn.Dropout(p)``.
     """
-    canonical = {row.lower(): row for row in ABLATIONS}
-    key = name.strip().lower()
-    row = canonical.get(key) or _ALIASES.get(key)
+    row = canonical_ablation(name)
     if row is None:
         raise ValueError(f"unknown ablation {name!r}; accepted: {', '.join(ABLATIONS)}")
-    modifications = _TABLE1_MODIFICATIONS[row]
+    modifications = TABLE1_ROWS[row]
     return {
         "rate": None if "I" in modifications else dropout_rate,
         "adaptive": "II" in modifications,

@@ -1,7 +1,7 @@
-"""``python -m worker``: the embedded stack (see ``worker.launcher``)."""
+"""``python -m launcher``: the embedded stack in the foreground (see ``launcher.stack``)."""
 
 import sys
 
-from worker.launcher import main
+from launcher.stack import main
 
 sys.exit(main())

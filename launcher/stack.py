@@ -1,4 +1,4 @@
-"""The embedded stack behind ``make run``: ``python -m worker``, in the foreground.
+"""The embedded stack behind ``make run``: ``python -m launcher``, in the foreground.
 
 It applies the migrations (``python -m api migrate``; SQLite under ``JUMPOUT_HOME``, ``./var`` by
 default), then starts and watches
@@ -33,9 +33,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from api.settings import get_settings
+from jobstore.queue import QUEUE
+from jobstore.settings import get_settings
 
-log = logging.getLogger("worker.launcher")
+log = logging.getLogger("launcher")
 
 MAX_BACKOFF_S = 30.0
 _PR_SET_PDEATHSIG = 1
@@ -170,7 +171,7 @@ def build_processes(*, embedded_redis: bool) -> list[Managed]:
             "worker",
             [
                 python, "-m", "celery", "-A", "worker.celery_app", "worker",
-                "-Q", "jobs", "-c", "1", "--pool", "prefork", "--loglevel", "INFO",
+                "-Q", QUEUE, "-c", "1", "--pool", "prefork", "--loglevel", "INFO",
                 "-n", f"{settings.worker_name}@%h",
             ],
             # Warm shutdown: the trainer checkpoints, escalation after cancel_grace.
@@ -276,7 +277,7 @@ def _watch(processes: list[Managed], env: dict[str, str], stop: threading.Event)
 
 def _explicit_fields() -> set[str]:
     """Settings given explicitly (environment), as opposed to filled from defaults."""
-    from api.settings import Settings
+    from jobstore.settings import Settings
 
     return {name for name in Settings.model_fields if f"JUMPOUT_{name.upper()}" in os.environ}
 

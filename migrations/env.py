@@ -7,9 +7,9 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from api.db import make_engine
-from api.models import Base
-from api.settings import get_settings
+from jobstore.db import make_engine
+from jobstore.settings import get_settings
+from jobstore.tables import Base
 
 config = context.config
 

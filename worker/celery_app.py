@@ -18,13 +18,12 @@ import signal
 from celery import Celery
 from celery.signals import worker_process_init, worker_shutting_down
 
-from api.settings import get_settings
+from jobstore.queue import QUEUE, TASK_PATTERN
+from jobstore.settings import get_settings
 
 # Makes torch.cuda.is_available() use NVML instead of initialising CUDA, should anything call it
 # in this process or the processes it forks. Set before torch could be imported.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-
-JOBS_QUEUE = "jobs"
 
 
 def make_celery() -> Celery:
@@ -42,8 +41,8 @@ def make_celery() -> Celery:
         result_serializer="json",
         task_ignore_result=True,
         result_backend=None,
-        task_default_queue=JOBS_QUEUE,
-        task_routes={"jumpout.*": {"queue": JOBS_QUEUE}},
+        task_default_queue=QUEUE,
+        task_routes={TASK_PATTERN: {"queue": QUEUE}},
         task_acks_late=True,
         # A pool process killed mid-task (OOM, SIGKILL) puts its message back at once. That is
         # safe: claim_job only succeeds on a queued job, and the attempts are counted and capped
@@ -67,9 +66,10 @@ app = make_celery()
 def _on_pool_process_start(**_: object) -> None:
     """A fresh pool process: never reuse the parent's pooled database connections, and turn the
     parent's shutdown notice (SIGUSR2, see below) into a checkpoint-and-stop of the trainer."""
+    from jobstore import db
     from worker import supervisor
 
-    supervisor.forget_inherited_connections()
+    db.forget_inherited_engines()
     signal.signal(signal.SIGUSR2, supervisor.on_shutdown_signal)
 
 

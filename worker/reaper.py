@@ -3,7 +3,7 @@
 Each pass
 
 1. requeues running jobs whose heartbeat is older than ``heartbeat_timeout`` (their worker or
-   supervisor died; ``api.jobs.requeue_stale_jobs`` fails those out of attempts) and sends each
+   supervisor died; ``jobstore.jobs.requeue_stale_jobs`` fails those out of attempts) and sends each
    requeued id to the broker; the next attempt resumes from the newest valid checkpoint;
 2. reconciles: a job that has been ``queued`` for over a minute but whose message is in neither
    the broker's queue nor its unacknowledged set (the enqueue after the commit failed, Redis lost
@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -30,40 +29,31 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from api import jobs
-from api.models import Job
-from api.settings import get_settings
-from worker import store
+from jobstore import db, jobs
+from jobstore.queue import QUEUE, enqueue_job
+from jobstore.settings import get_settings
+from jobstore.tables import Job, JobStatus
 
 log = logging.getLogger("worker.reaper")
 
-# How long a queued job may be missing from the broker before it is sent again. The environment
-# variable is for tests (and an operator who wants faster recovery after a Redis restart).
-LOST_AFTER = timedelta(seconds=float(os.environ.get("JUMPOUT_RECONCILE_AFTER", "60")))
 # A delivered, unacknowledged message younger than this belongs to a live worker about to claim
 # its job (a loaded machine can take seconds to fork the pool process and claim); an older one,
-# of a job still queued, to a dead worker. Not tied to LOST_AFTER: a short reconcile delay must
-# not make a slow claim look lost.
+# of a job still queued, to a dead worker. Not tied to settings.reconcile_after: a short reconcile
+# delay must not make a slow claim look lost.
 UNACKED_RECENT = timedelta(seconds=60)
-JOBS_QUEUE = "jobs"
-
-
-def _enqueue(job_id: str) -> None:
-    from api.broker import enqueue_job
-
-    enqueue_job(job_id)
 
 
 def reap_once(
     *,
-    enqueue: Callable[[str], None] = _enqueue,
+    enqueue: Callable[[str], None] = enqueue_job,
     ids_in_broker: Callable[[], set[str] | None] | None = None,
     lost_after: timedelta | None = None,
 ) -> dict[str, list[str]]:
     """One pass; returns the ids requeued as stale and those re-sent as lost."""
     settings = get_settings()
-    lost_after = LOST_AFTER if lost_after is None else lost_after
-    stale = store.call(
+    if lost_after is None:
+        lost_after = timedelta(seconds=settings.reconcile_after)
+    stale = db.call(
         jobs.requeue_stale_jobs,
         timeout_s=settings.heartbeat_timeout,
         max_attempts=settings.max_attempts,
@@ -74,7 +64,7 @@ def reap_once(
         )
         enqueue(job_id)
     lost: list[str] = []
-    waiting = store.call(_queued_before, datetime.now(UTC) - lost_after)
+    waiting = db.call(_queued_before, datetime.now(UTC) - lost_after)
     if waiting:
         known = (ids_in_broker or _ids_in_broker)()
         if known is not None:
@@ -86,7 +76,7 @@ def reap_once(
 
 
 def _queued_before(session, cutoff: datetime) -> list[str]:
-    query = select(Job.id).where(Job.status == "queued", Job.created_at < cutoff)
+    query = select(Job.id).where(Job.status == JobStatus.QUEUED, Job.created_at < cutoff)
     return list(session.scalars(query))
 
 
@@ -109,7 +99,7 @@ def _ids_in_broker(recent_s: float = UNACKED_RECENT.total_seconds()) -> set[str]
         # priorities in "<queue>\x06\x16<priority>"; delivered, unacknowledged ones in the hash
         # "unacked", with their delivery times in the sorted set "unacked_index".
         raw: list[bytes] = []
-        for key in [JOBS_QUEUE, *(f"{JOBS_QUEUE}\x06\x16{p}" for p in range(1, 10))]:
+        for key in [QUEUE, *(f"{QUEUE}\x06\x16{p}" for p in range(1, 10))]:
             raw.extend(client.lrange(key, 0, -1))
         tags = client.zrangebyscore("unacked_index", time.time() - recent_s, "+inf")
         unacked = client.hmget("unacked", tags) if tags else []

@@ -40,9 +40,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from api import jobs
-from api.settings import get_settings
-from worker import store
+from jobstore import db, jobs
+from jobstore.settings import get_settings
+from jobstore.tables import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,6 @@ LOG_FILE = "trainer.log"
 _shutdown_requested = False
 
 
-def forget_inherited_connections() -> None:
-    store.forget_inherited_connections()
-
-
 def on_shutdown_signal(signum: int, frame: object) -> None:
     """SIGUSR2 from the Celery parent's warm shutdown: stop the trainer (it checkpoints).
 
@@ -72,14 +68,10 @@ def on_shutdown_signal(signum: int, frame: object) -> None:
     _shutdown_requested = True
 
 
-def job_dir(job_id: str) -> Path:
-    return Path(get_settings().artifact_dir) / "jobs" / job_id
-
-
 def run(job_id: str) -> str | None:
     """Claim ``job_id`` and supervise it. Returns the final status, or None if not ours."""
     settings = get_settings()
-    job = store.call(jobs.claim_job, job_id, worker=settings.worker_name)
+    job = db.call(jobs.claim_job, job_id, worker=settings.worker_name)
     if job is None:
         log.info("job %s is not queued (already claimed, cancelled or finished): skipping", job_id)
         return None
@@ -104,7 +96,7 @@ def supervise(job_id: str, *, attempt: int, command: list[str] | None = None) ->
     """Run the trainer (``command``, default ``trainer_command(job_id)``) for a claimed job until
     it exits, then record the outcome."""
     settings = get_settings()
-    out_dir = job_dir(job_id)
+    out_dir = jobs.job_directory(job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / RESULT_FILE
     result_path.unlink(missing_ok=True)
@@ -189,38 +181,36 @@ def _record_outcome(
         log.warning("job %s attempt %d: no longer ours; left to its new owner", job_id, attempt)
         return None
     if returncode == EXIT_SUCCEEDED:
-        status, error = "succeeded", None
+        status, error = JobStatus.SUCCEEDED, None
     elif reason == "cancel" or _cancel_requested_now(job_id):
-        status, error = "cancelled", None
+        status, error = JobStatus.CANCELLED, None
     elif reason == "shutdown":
         # Not the job's fault: requeued without using up an attempt, resumes from the checkpoint
         # the trainer just wrote when the next worker starts.
         note = f"attempt {attempt} interrupted by a worker shutdown"
-        if store.call(jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=False):
+        if db.call(jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=False):
             _enqueue(job_id)
         log.info("job %s: %s; requeued", job_id, note)
-        return "queued"
+        return JobStatus.QUEUED
     elif returncode == EXIT_FAILED:
-        status, error = "failed", _read_reason(result_path) or tail
+        status, error = JobStatus.FAILED, _read_reason(result_path) or tail
     else:
         how = _describe_exit(returncode)
         if attempt < settings.max_attempts:
             log.warning("job %s attempt %d: trainer %s; requeueing", job_id, attempt, how)
             note = f"attempt {attempt}: trainer {how}: {tail}"
-            if store.call(
-                jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=True
-            ):
+            if db.call(jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=True):
                 _enqueue(job_id)
-            return "queued"
-        status = "failed"
+            return JobStatus.QUEUED
+        status = JobStatus.FAILED
         error = f"trainer {how} on attempt {attempt} of {settings.max_attempts}: {tail}"
-    store.call(jobs.finish_job, job_id, status=status, error=error, attempt=attempt)
+    db.call(jobs.finish_job, job_id, status=status, error=error, attempt=attempt)
     log.info("job %s attempt %d: %s", job_id, attempt, status)
     return status
 
 
 def _enqueue(job_id: str) -> None:
-    from api.broker import enqueue_job
+    from jobstore.queue import enqueue_job
 
     enqueue_job(job_id)
 
@@ -232,7 +222,7 @@ def _cancel_requested_now(job_id: str) -> bool:
 def _best_effort(fn, *args, **kwargs):
     """A heartbeat or a cancel poll must not kill the supervision: a later one will do."""
     try:
-        return store.call(fn, *args, retry_for_s=0, **kwargs)
+        return db.call(fn, *args, retry_for_s=0, **kwargs)
     except Exception as error:  # noqa: BLE001 - logged, and the next poll retries
         log.warning("%s for job %s failed: %s", fn.__name__, args[0] if args else "?", error)
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from jobstore.queue import REAP_TASK, RUN_JOB_TASK
+
 # Imported in the worker's parent, before the pool forks, so that a pool process (re)started by
 # Celery does not pay about 0.6 s re-importing SQLAlchemy and the API modules. Safe:
 # nothing here imports torch or jumpout (test_the_worker_parent_never_imports_torch), and the
@@ -10,13 +12,13 @@ from worker import supervisor
 from worker.celery_app import app
 
 
-@app.task(name="jumpout.run_job", ignore_result=True)
+@app.task(name=RUN_JOB_TASK, ignore_result=True)
 def run_job(job_id: str) -> None:
     """Claim and run one job; a duplicate delivery finds it claimed and returns quietly."""
     supervisor.run(job_id)
 
 
-@app.task(name="jumpout.reap", ignore_result=True)
+@app.task(name=REAP_TASK, ignore_result=True)
 def reap() -> None:
     """One reaper pass, for an operator (``celery -A worker.celery_app call jumpout.reap``).
 

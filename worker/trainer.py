@@ -18,7 +18,6 @@ what happened (see ``worker.supervisor``):
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import json
 import logging
 import os
@@ -28,10 +27,9 @@ import threading
 import time
 from typing import Any
 
-from api import jobs
-from api.settings import get_settings
-from worker import store
-from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, EXIT_SUCCEEDED, RESULT_FILE, job_dir
+from jobstore import db, jobs
+from jobstore.tables import JobStatus
+from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, EXIT_SUCCEEDED, RESULT_FILE
 
 log = logging.getLogger("worker.trainer")
 
@@ -50,12 +48,12 @@ class StoreCallback:
         self._cancelled = False
 
     def on_epoch_end(self, metrics: dict) -> None:
-        store.call(jobs.record_epoch, self.job_id, metrics)
+        db.call(jobs.record_epoch, self.job_id, metrics)
 
     def on_checkpoint(
         self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
     ) -> None:
-        store.call(
+        db.call(
             jobs.record_checkpoint,
             self.job_id,
             path=path,
@@ -66,7 +64,7 @@ class StoreCallback:
         )
 
     def on_checkpoint_removed(self, path: str) -> None:
-        store.call(jobs.forget_checkpoint, self.job_id, path=path)
+        db.call(jobs.forget_checkpoint, self.job_id, path=path)
 
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
         pass
@@ -78,27 +76,19 @@ class StoreCallback:
         if not self._cancelled and now - self._cancel_checked_at >= CANCEL_POLL_S:
             self._cancel_checked_at = now
             try:
-                self._cancelled = bool(
-                    store.call(jobs.cancel_requested, self.job_id, retry_for_s=0)
-                )
+                self._cancelled = bool(db.call(jobs.cancel_requested, self.job_id, retry_for_s=0))
             except Exception as error:  # noqa: BLE001 - the next poll asks again
                 log.warning("could not read the cancel flag: %s", error)
         return self._cancelled
 
 
 def build_config(spec: dict[str, Any], *, job_id: str):
-    """The job's resolved spec as a ``TrainConfig``, with this machine's paths and device."""
-    from jumpout.recipes import TrainConfig
+    """The job's resolved spec as a ``TrainConfig``, with this machine's paths and device,
+    validated again by the spec (a row written by an older version, or by hand, is refused
+    with the field named)."""
+    from jumpout.spec import TrainConfig
 
-    settings = get_settings()
-    known = {field.name for field in dataclasses.fields(TrainConfig)}
-    values = {key: value for key, value in spec.items() if key in known}
-    values.update(
-        out_dir=str(job_dir(job_id)),
-        data_dir=str(settings.data_dir),
-        device=settings.device,
-    )
-    return TrainConfig(**values)
+    return TrainConfig.from_dict({**spec, **jobs.server_fields(job_id)})
 
 
 def _describe_device(device) -> str:
@@ -121,9 +111,9 @@ def _die_with_parent() -> None:
 
 
 def _write_result(job_id: str, error: str) -> None:
-    path = job_dir(job_id) / RESULT_FILE
+    path = jobs.job_directory(job_id) / RESULT_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"status": "failed", "error": error}))
+    tmp.write_text(json.dumps({"status": JobStatus.FAILED, "error": error}))
     os.replace(tmp, path)
 
 
@@ -139,10 +129,10 @@ def train(job_id: str) -> int:
 
     from jumpout.data import DatasetNotFoundError
     from jumpout.engine import NonFiniteLossError, fit, resolve_device
-    from jumpout.recipes import ConfigError
+    from jumpout.spec import ConfigError
 
     try:
-        job = store.call(jobs.get_job, job_id)
+        job = db.call(jobs.get_job, job_id)
     except LookupError:
         _write_result(job_id, f"job {job_id} does not exist")
         return EXIT_FAILED
@@ -152,8 +142,8 @@ def train(job_id: str) -> int:
     except (ConfigError, TypeError, ValueError) as error:
         _write_result(job_id, f"invalid job spec: {error}")
         return EXIT_FAILED
-    store.call(jobs.set_device, job_id, device=_describe_device(device))
-    checkpoint = store.call(jobs.newest_valid_checkpoint, job_id)
+    db.call(jobs.set_device, job_id, device=_describe_device(device))
+    checkpoint = db.call(jobs.newest_valid_checkpoint, job_id)
     resume_from = checkpoint.path if checkpoint is not None else None
     if resume_from:
         log.info("resuming job %s from %s", job_id, resume_from)

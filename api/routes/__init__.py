@@ -1,1 +1,1 @@
-"""HTTP routes, one module per resource; each route is a few lines over `api.jobs`."""
+"""HTTP routes, one module per resource; each route is a few lines over `jobstore.jobs`."""

@@ -14,16 +14,21 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api import broker
 from api.deps import SessionDep
 from api.schemas import Health
+from jobstore import queue
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["health"])
 
 
-@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+@router.get(
+    "/health",
+    operation_id="read_health",
+    response_model=Health,
+    responses={503: {"model": Health}},
+)
 def health(session: SessionDep):
     try:
         session.execute(text("SELECT 1"))
@@ -32,8 +37,8 @@ def health(session: SessionDep):
     except Exception as exc:
         logger.warning("database health check failed: %s", exc)
         database = "unavailable"
-    broker_ok = broker.broker_ping()
-    workers = broker.count_workers() if broker_ok else 0
+    broker_ok = queue.broker_ping()
+    workers = queue.count_workers() if broker_ok else 0
     body = Health(database=database, broker="ok" if broker_ok else "unavailable", workers=workers)
     ok = database == "ok" and broker_ok
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

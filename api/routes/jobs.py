@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response, status
 from fastapi.responses import FileResponse
 
-from api import broker, jobs, queries
+from api import queries
 from api.deps import BearerDep, SessionDep, TokenDep
 from api.schemas import (
     CheckpointRead,
@@ -20,6 +20,7 @@ from api.schemas import (
     MetricsPage,
     error_responses,
 )
+from jobstore import jobs, queue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -43,6 +44,7 @@ def _read(credentials, body_of, *args, **kwargs) -> Response:
 
 @router.post(
     "",
+    operation_id="submit_job",
     status_code=status.HTTP_201_CREATED,
     response_model=JobRead,
     responses=error_responses(400, 401, 413, 422, 429),
@@ -50,12 +52,17 @@ def _read(credentials, body_of, *args, **kwargs) -> Response:
 def submit_job(body: JobCreate, session: SessionDep, token: TokenDep, response: Response):
     job = jobs.create_job(session, spec=body.model_dump(exclude_unset=True), owner_id=token.id)
     # The row is committed first; if the broker is down the job stays queued for a reconciler.
-    broker.try_enqueue(job.id)
+    queue.try_enqueue(job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobRead.from_job(job)
 
 
-@router.get("", response_model=JobsPage, responses=error_responses(401, 422))
+@router.get(
+    "",
+    operation_id="list_jobs",
+    response_model=JobsPage,
+    responses=error_responses(401, 422),
+)
 async def list_jobs(
     credentials: BearerDep,
     status: JobStatus | None = None,
@@ -76,13 +83,19 @@ async def list_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=JobRead, responses=error_responses(401, 404, 422))
+@router.get(
+    "/{job_id}",
+    operation_id="read_job",
+    response_model=JobRead,
+    responses=error_responses(401, 404, 422),
+)
 async def read_job(job_id: str, credentials: BearerDep):
     return _read(credentials, queries.job_json, job_id)
 
 
 @router.post(
     "/{job_id}/cancel",
+    operation_id="cancel_job",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRead,
     responses=error_responses(401, 403, 404, 409, 413, 422),
@@ -92,7 +105,10 @@ def cancel_job(job_id: str, session: SessionDep, token: TokenDep):
 
 
 @router.get(
-    "/{job_id}/metrics", response_model=MetricsPage, responses=error_responses(401, 404, 422)
+    "/{job_id}/metrics",
+    operation_id="read_metrics",
+    response_model=MetricsPage,
+    responses=error_responses(401, 404, 422),
 )
 async def read_metrics(job_id: str, credentials: BearerDep):
     return _read(credentials, queries.metrics_json, job_id)
@@ -100,6 +116,7 @@ async def read_metrics(job_id: str, credentials: BearerDep):
 
 @router.get(
     "/{job_id}/checkpoints",
+    operation_id="list_checkpoints",
     response_model=CheckpointsPage,
     responses=error_responses(401, 404, 422),
 )
@@ -110,6 +127,7 @@ def read_checkpoints(job_id: str, session: SessionDep, _token: TokenDep):
 
 @router.get(
     "/{job_id}/checkpoints/{checkpoint_id}/file",
+    operation_id="download_checkpoint",
     response_class=FileResponse,
     responses={
         200: {

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api import broker, db
-from api.settings import get_settings
+from jobstore import db, queue
+from jobstore.settings import get_settings
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 TABLES = ("epoch_metrics", "checkpoints", "jobs", "api_tokens")
@@ -103,7 +103,7 @@ def configure(monkeypatch, settings):
 def enqueued(monkeypatch) -> list[str]:
     """The job ids the API sent to the broker (nothing reaches a real broker)."""
     calls: list[str] = []
-    monkeypatch.setattr(broker, "enqueue_job", calls.append)
+    monkeypatch.setattr(queue, "enqueue_job", calls.append)
     return calls
 
 
@@ -124,7 +124,7 @@ def session(settings):
 @pytest.fixture
 def make_job(session):
     """Create a queued job through the service function; returns its id."""
-    from api import jobs
+    from jobstore import jobs
 
     def make(owner_id: int | None = None, **spec) -> str:
         return jobs.create_job(session, spec={**QUICK_SPEC, **spec}, owner_id=owner_id).id

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from api import jobs
+from jobstore import jobs
 
 
 def epoch_metrics(epoch: int, accuracy: float, **extra) -> dict:

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from api import auth
 from api.cli import main as cli
-from api.models import ApiToken
+from jobstore.tables import ApiToken
 
 SPEC = {"dataset": "synthetic", "architecture": "mlp", "epochs": 2}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from api import db, jobs
+from jobstore import db, jobs
 
 
 def test_concurrent_writers_on_one_database(settings, make_job):

@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from api import db
-from api.models import Base
+from jobstore import db
+from jobstore.tables import Base
 
 
 def test_migrated_schema_matches_the_models(settings):

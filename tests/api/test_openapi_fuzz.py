@@ -32,8 +32,9 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from api import auth, jobs  # noqa: E402
+from api import auth  # noqa: E402
 from api.main import create_app  # noqa: E402
+from jobstore import jobs  # noqa: E402
 
 CHECKS = [
     not_a_server_error,

@@ -9,9 +9,10 @@ import orjson
 import pytest
 from sqlalchemy import update
 
-from api import auth, jobs, queries
-from api.models import EpochMetric, Job
+from api import auth, queries
 from api.schemas import EpochMetricRead, JobRead, JobsPage, MetricsPage
+from jobstore import jobs
+from jobstore.tables import EpochMetric, Job
 
 
 def epoch_metrics(epoch: int, accuracy: float = 0.5) -> dict:
@@ -152,7 +153,7 @@ def test_reads_survive_a_postgresql_restart(client, settings, make_job):
         pytest.skip("PostgreSQL connections")
     from sqlalchemy import text
 
-    from api import db
+    from jobstore import db
 
     job_id = make_job()
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # the read pool holds one now

@@ -22,10 +22,11 @@ import logging
 import pytest
 from sqlalchemy import inspect, select, text
 
-from api import auth, db, jobs
+from api import auth
 from api.cli import main as cli
 from api.main import create_app
-from api.models import Job
+from jobstore import db, jobs
+from jobstore.tables import Job
 
 SPEC = {"dataset": "synthetic", "architecture": "mlp", "epochs": 2}
 PUBLIC = {

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 
-from api import jobs
-from api.models import Checkpoint, utcnow
+from jobstore import jobs
+from jobstore.tables import Checkpoint, utcnow
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("jumpout", "api", "worker", "tests", "benchmarks", "scripts", "migrations")

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from api import jobs
-from api.errors import JobNotFound
-from api.models import Job
+from jobstore import jobs
+from jobstore.errors import JobNotFound
+from jobstore.tables import Job
 
 
 def age_heartbeat(session, job_id: str, seconds: float) -> None:

@@ -170,7 +170,7 @@ def test_trainer_sigkill_resumes_and_gives_the_same_weights_as_an_uninterrupted_
 
     # The same resolved spec, uninterrupted, in this process, on the CPU.
     from jumpout.engine import fit
-    from jumpout.recipes import TrainConfig
+    from jumpout.spec import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {key: value for key, value in done["spec"].items() if key in fields}

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from api import db, jobs
-from api.settings import get_settings
-from worker import store
+from jobstore import db, jobs
+from jobstore.settings import get_settings
 
 
 @pytest.fixture
@@ -16,9 +15,7 @@ def job_store(tmp_path, monkeypatch):
     monkeypatch.setenv("JUMPOUT_DATABASE_URL", f"sqlite:///{tmp_path / 'jumpout.db'}")
     get_settings.cache_clear()
     db.migrate()
-    store.forget_inherited_connections()
-    yield store
-    store.forget_inherited_connections()
+    yield db
     db.dispose_engines()
     get_settings.cache_clear()
 

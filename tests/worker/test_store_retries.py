@@ -1,11 +1,12 @@
-"""The worker's store calls: transient database errors are retried with backoff, others are not."""
+"""`jobstore.db.call`, how the worker reaches the store: transient database errors are retried
+with backoff, others are not."""
 
 from __future__ import annotations
 
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from worker import store
+from jobstore import db
 
 
 def flaky(failures: int, error: Exception):
@@ -26,18 +27,18 @@ def operational_error() -> Exception:
 
 def test_a_briefly_unavailable_database_is_retried(job_store, monkeypatch):
     sleeps: list[float] = []
-    monkeypatch.setattr(store.time, "sleep", sleeps.append)
+    monkeypatch.setattr(db.time, "sleep", sleeps.append)
     fn, calls = flaky(3, operational_error())
-    assert store.call(fn, 21) == 42
+    assert db.call(fn, 21) == 42
     assert len(calls) == 4
     assert sleeps == sorted(sleeps) and sleeps[0] > 0  # backing off
 
 
 def test_retrying_gives_up_after_its_deadline(job_store, monkeypatch):
-    monkeypatch.setattr(store.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(db.time, "sleep", lambda seconds: None)
     fn, calls = flaky(10**6, operational_error())
     with pytest.raises(sa_exc.OperationalError):
-        store.call(fn, 1, retry_for_s=0)
+        db.call(fn, 1, retry_for_s=0)
     assert len(calls) == 1
 
 
@@ -45,5 +46,5 @@ def test_a_programming_error_is_not_retried(job_store):
     error = sa_exc.IntegrityError("INSERT ...", {}, Exception("duplicate key"))
     fn, calls = flaky(1, error)
     with pytest.raises(sa_exc.IntegrityError):
-        store.call(fn, 1)
+        db.call(fn, 1)
     assert len(calls) == 1

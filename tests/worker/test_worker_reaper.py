@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from api import jobs
-from api.models import Job
-from api.settings import get_settings
+from jobstore import jobs
+from jobstore.settings import get_settings
+from jobstore.tables import Job
 from worker import reaper
 
 SPEC = {"dataset": "digits", "architecture": "mlp", "epochs": 2}
@@ -80,12 +80,12 @@ def test_ids_in_broker_reads_celerys_messages_from_redis(job_store, monkeypatch)
         pytest.skip("no Redis on 127.0.0.1:6379")
     monkeypatch.setenv("JUMPOUT_BROKER_URL", url)
     get_settings.cache_clear()
-    from api import broker
+    from jobstore import queue
 
     client.flushdb()
     try:
         job_id = uuid.uuid4().hex
-        broker.enqueue_job(job_id)
+        queue.enqueue_job(job_id)
         assert job_id in reaper._ids_in_broker()
         # Delivered but not acknowledged: kombu keeps it in the "unacked" hash, indexed by time.
         raw = client.rpop("jobs")
@@ -97,4 +97,4 @@ def test_ids_in_broker_reads_celerys_messages_from_redis(job_store, monkeypatch)
         assert job_id not in reaper._ids_in_broker()
     finally:
         client.flushdb()
-        broker._celery_app.cache_clear()
+        queue._celery_app.cache_clear()

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from api import jobs
+from jobstore import jobs
 from worker import supervisor
 from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, _record_outcome, _Stop
 
@@ -67,7 +67,7 @@ def test_crash_on_the_last_attempt_fails_with_the_output_tail(
     job_store, claimed_job, tmp_path, enqueued, monkeypatch
 ):
     monkeypatch.setenv("JUMPOUT_MAX_ATTEMPTS", "1")
-    from api.settings import get_settings
+    from jobstore.settings import get_settings
 
     get_settings.cache_clear()
     assert outcome(claimed_job, tmp_path, returncode=1) == "failed"
@@ -120,7 +120,7 @@ def python(code: str) -> list[str]:
 @pytest.fixture
 def fast(monkeypatch):
     """Short heartbeat and grace periods."""
-    from api.settings import get_settings
+    from jobstore.settings import get_settings
 
     monkeypatch.setenv("JUMPOUT_HEARTBEAT_INTERVAL", "0.2")
     monkeypatch.setenv("JUMPOUT_CANCEL_GRACE", "1")
