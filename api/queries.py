@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from api.auth import Principal, principal_for
 from jobstore.db import get_read_engine
 from jobstore.errors import JobNotFound
-from jobstore.jobs import _encode_cursor, _is_job_id, filter_jobs, job_view, metric_view
+from jobstore.jobs import encode_cursor, is_job_id, filter_jobs, job_view, metric_view
 from jobstore.tables import METRIC_FIELDS, ApiToken, EpochMetric, Job
 
 T = TypeVar("T")
@@ -111,7 +111,7 @@ def principal(connection: Connection, token: str | None) -> Principal:
 
 def job_json(connection: Connection, job_id: str) -> bytes:
     """The `JobRead` body of a job; raises `JobNotFound`."""
-    if not _is_job_id(job_id):
+    if not is_job_id(job_id):
         raise JobNotFound(job_id[:64])
     row = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
     if row is None:
@@ -131,7 +131,7 @@ def jobs_page_json(
     """A `JobsPage` body: newest first, keyset pagination as in `jobstore.jobs.list_jobs`."""
     query = filter_jobs(_JOBS, status=status, method=method, dataset=dataset, cursor=cursor)
     rows = connection.execute(query.limit(limit + 1)).all()
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     items = [job_view(row, owner=row.owner_name) for row in rows[:limit]]
     body = {"items": items, "next_cursor": next_cursor}
     return orjson.dumps(body, option=JSON_OPTIONS)
@@ -173,7 +173,7 @@ metrics_cache = _MetricsCache(METRICS_CACHE_SIZE)
 
 def metrics_json(connection: Connection, job_id: str) -> bytes:
     """The `MetricsPage` body of a job (epochs in order); raises `JobNotFound`."""
-    if not _is_job_id(job_id):
+    if not is_job_id(job_id):
         raise JobNotFound(job_id[:64])
     current = connection.execute(_METRICS_KEY, {"job_id": job_id}).first()
     if current is None:

@@ -170,14 +170,14 @@ def _check_server_limits(config: TrainConfig, *, given: dict[str, Any]) -> None:
         raise InvalidSpec(f"invalid value for: {names}", fields=errors)
 
 
-def _is_job_id(value: str) -> bool:
+def is_job_id(value: str) -> bool:
     # Job ids are uuid4 hex; anything else (a NUL byte, a 5 kB string) is unknown without a query.
     return isinstance(value, str) and JOB_ID_PATTERN.fullmatch(value) is not None
 
 
 def get_job(session: Session, job_id: str) -> Job:
     """The job with this id; raises `JobNotFound` (a `LookupError`) when there is none."""
-    if not _is_job_id(job_id):
+    if not is_job_id(job_id):
         session.commit()
         raise JobNotFound(job_id[:64])
     job = session.get(Job, job_id, populate_existing=True)
@@ -187,7 +187,7 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def _encode_cursor(job: Job) -> str:
+def encode_cursor(job: Job) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -197,7 +197,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
         when = datetime.fromisoformat(created)
-        if when.tzinfo is None or not _is_job_id(job_id):
+        if when.tzinfo is None or not is_job_id(job_id):
             raise ValueError
         return when, job_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
@@ -252,7 +252,7 @@ def list_jobs(
     )
     jobs = list(session.scalars(query.limit(limit + 1)).unique())
     session.commit()
-    next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return jobs[:limit], next_cursor
 
 

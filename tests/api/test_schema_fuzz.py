@@ -5,7 +5,7 @@ every body matches the schema declared for that status (errors included: the uni
 
 Auth is on (as deployed) and every generated request carries a valid token: the schema declares
 the bearer scheme as required, and what happens without one is tested route by route in
-test_security_auth.py. Each operation is fuzzed with schema-valid data (positive) and
+test_auth_every_route.py. Each operation is fuzzed with schema-valid data (positive) and
 schema-violating data (negative); path parameters are also pinned to a real job and checkpoint so
 that the 200 bodies are exercised too, not only the 404s. Hypothesis is derandomized (a fixed seed
 per test) for CI stability.

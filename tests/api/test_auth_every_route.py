@@ -7,7 +7,7 @@
   request cycle (bad, valid and revoked tokens, the token CLI), even with SQL echo on; a revoked
   token is refused on the very next request.
 
-test_auth.py has the basic cases (hashes stored, 401/403/202, revocation through the service).
+test_tokens.py has the basic cases (hashes stored, 401/403/202, revocation through the service).
 
 Why /docs, /redoc and /openapi.json are public: the schema describes only what the API accepts
 (routes, field bounds, the registry names a client must choose from) and that it needs a bearer
