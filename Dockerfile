@@ -41,4 +41,4 @@ COPY worker ./worker
 COPY migrations ./migrations
 RUN pip install -e ".[service]"
 USER jumpout
-CMD ["python", "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "jobs", "-c", "1", "--pool", "prefork"]
+CMD ["python", "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO"]

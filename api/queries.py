@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from api.auth import Principal, principal_for
 from jobstore.db import get_read_engine
 from jobstore.errors import JobNotFound
-from jobstore.jobs import encode_cursor, is_job_id, filter_jobs, job_view, metric_view
+from jobstore.jobs import encode_cursor, filter_jobs, is_job_id, job_view, metric_view
 from jobstore.tables import METRIC_FIELDS, ApiToken, EpochMetric, Job
 
 T = TypeVar("T")

@@ -16,13 +16,15 @@ None of the shapes is written out here field by field where another declaration 
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 from jobstore.jobs import job_view
-from jobstore.tables import LAYER_FIELDS, METRIC_FIELDS, READ_COLUMNS, JobStatus
+from jobstore.tables import LAYER_FIELDS, METRIC_FIELDS, READ_COLUMNS, Job, JobStatus
 from jumpout.spec import FIELDS, MAX_MILESTONES, ConfigError, FieldSpec, Method, TrainConfig
 
 REQUIRED_FIELDS = ("dataset", "architecture")
@@ -70,9 +72,23 @@ def _check_with_spec(cls, value: Any, info: ValidationInfo) -> Any:
         raise ValueError(error.message) from None
 
 
+def _name_enum_values(schema: dict[str, Any]) -> None:
+    """Give each enum of the request a variable name per value (``x-enum-varnames``): client
+    generators otherwise derive them by dropping punctuation, and ``dropout+III`` and
+    ``dropout+I+II`` both became ``DROPOUTIII`` (one row of Table 1 silently lost)."""
+    for field in schema.get("properties", {}).values():
+        for option in [field, *field.get("anyOf", ())]:
+            if "enum" in option:
+                option["x-enum-varnames"] = [
+                    re.sub(r"\W+", "_", str(value)).strip("_").upper() for value in option["enum"]
+                ]
+
+
 JobCreate = create_model(
     "JobCreate",
-    __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
+    __config__=ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=_name_enum_values
+    ),
     __doc__="A job spec as submitted. Omitted fields take the recipe's defaults for the pair.",
     __validators__={
         "check_with_spec": field_validator(*CLIENT_FIELDS, mode="before")(_check_with_spec)
@@ -94,10 +110,15 @@ class JobResult(BaseModel):
     best_epoch: int | None
 
 
+# The Python types the Job model declares (`Mapped[datetime]` -> datetime), with the two strings
+# that have a closed set of values typed as their enums for the schema.
+_JOB_TYPES = {
+    name: typing.get_args(hint)[0] for name, hint in typing.get_type_hints(Job).items()
+} | {"status": JobStatus, "method": Method}
+
+
 def _column_field(column) -> tuple[Any, Any]:
-    annotation: Any = JobStatus if column.name == "status" else column.type.python_type
-    if column.name == "method":
-        annotation = Method
+    annotation = _JOB_TYPES[column.name]
     return (annotation | None if column.nullable else annotation), ...
 
 

@@ -104,8 +104,8 @@ class OwnStack:
         self._spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
                      "--port", str(self.port), "--no-access-log",
                      "--log-level", "warning"])  # fmt: skip
-        self._spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q",
-                     "jobs", "-c", "1", "--pool", "prefork", "--loglevel", "WARNING",
+        self._spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                     "--loglevel", "WARNING",
                      "--without-mingle", "--without-gossip"])  # fmt: skip
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("JUMPOUT_")})
         deadline = time.monotonic() + 60

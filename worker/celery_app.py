@@ -1,7 +1,9 @@
 """The Celery application: delivery only; the database decides what a job's state is.
 
 One worker per GPU, prefork pool with concurrency 1, one message reserved at a time, acknowledged
-only after the task returns. The task itself only supervises a separate trainer process, so
+only after the task returns. The queue, the pool and the concurrency are this app's configuration,
+so ``celery -A worker.celery_app worker`` needs no ``-Q``/``-c``/``--pool`` (and nothing
+else repeats the queue's name). The task itself only supervises a separate trainer process, so
 neither the worker's parent nor its pool process ever initialises CUDA (see ``docs/pitfalls.md``
 of the shared docs), and the trainer's exit returns all GPU memory. That is why the pool process
 is kept across tasks (no ``worker_max_tasks_per_child``): replacing it after each task cost up to

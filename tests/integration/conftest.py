@@ -168,8 +168,8 @@ class Stack:
     def start(self, name: str) -> Process:
         argv = {
             "worker": [
-                sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "jobs",
-                "-c", "1", "--pool", "prefork", "--loglevel", "INFO", "-n", "it@%h",
+                sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                "--loglevel", "INFO", "-n", "it@%h",
                 "--without-mingle", "--without-gossip",
             ],
             "reaper": [sys.executable, "-m", "worker.reaper"],

@@ -13,6 +13,8 @@ import pytest
 import torch
 from celery import Celery
 
+from jobstore.queue import QUEUE, RUN_JOB_TASK
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 QUICK = {
@@ -30,12 +32,12 @@ def send_duplicate(stack, job_id: str) -> None:
     """What Redis does after a visibility timeout or a lost ack: deliver the same task again."""
     app = Celery("it", broker=stack.redis.url(), set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"])
-    app.send_task("jumpout.run_job", args=[job_id], queue="jobs")
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE)
 
 
 def queue_drained(stack) -> bool:
     client = stack.redis.client()
-    return client.llen("jobs") == 0 and client.hlen("unacked") == 0
+    return client.llen(QUEUE) == 0 and client.hlen("unacked") == 0
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ import pytest
 import torch
 from celery import Celery
 
+from jobstore.queue import QUEUE, RUN_JOB_TASK
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -101,7 +103,7 @@ def send_duplicate(stack, job_id: str) -> None:
     """What Redis does after a visibility timeout or a lost ack: deliver the same task again."""
     app = Celery("it", broker=stack.redis.url(), set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"])
-    app.send_task("jumpout.run_job", args=[job_id], queue="jobs")
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE)
 
 
 def redeliver_unacked(stack, job_id: str) -> str:
@@ -112,7 +114,7 @@ def redeliver_unacked(stack, job_id: str) -> str:
         message, _exchange, routing_key = json.loads(value)
         if job_id in json.dumps(message) or job_id in str(base64_body(message)):
             with client.pipeline() as pipe:
-                pipe.lpush(routing_key or "jobs", json.dumps(message))
+                pipe.lpush(routing_key or QUEUE, json.dumps(message))
                 pipe.hdel("unacked", tag)
                 pipe.zrem("unacked_index", tag)
                 pipe.execute()
@@ -128,7 +130,7 @@ def base64_body(message: dict) -> bytes:
 
 def queue_drained(stack) -> bool:
     client = stack.redis.client()
-    return client.llen("jobs") == 0 and client.hlen("unacked") == 0
+    return client.llen(QUEUE) == 0 and client.hlen("unacked") == 0
 
 
 def download(stack, job_id: str, checkpoint_id: int) -> httpx.Response:
@@ -211,7 +213,7 @@ def test_worker_sigkill_is_reaped_resumed_and_a_late_redelivery_is_a_no_op(stack
     tag = redeliver_unacked(stack, job["id"])
     client = stack.redis.client()
     wait_until(
-        lambda: client.llen("jobs") == 0 and not client.hexists("unacked", tag),
+        lambda: client.llen(QUEUE) == 0 and not client.hexists("unacked", tag),
         timeout=30, what="the redelivered message to be consumed",
     )  # fmt: skip
     time.sleep(1.5)
@@ -241,12 +243,12 @@ def test_redis_loss_forgets_no_queued_job_and_running_jobs_finish(stack, service
     running = stack.submit(**{**QUICK, "epochs": 10, "train_size": 1024})
     stack.wait_running(running["id"], 1)
     queued = [stack.submit(**TINY) for _ in range(3)]
-    assert stack.redis.client().llen("jobs") == 3
+    assert stack.redis.client().llen(QUEUE) == 3
     if how == "restart":
         restart_redis(stack.redis, service_kit)
     else:
         stack.redis.client().flushall()
-    assert stack.redis.client().llen("jobs") == 0  # the broker forgot them
+    assert stack.redis.client().llen(QUEUE) == 0  # the broker forgot them
     lost = time.monotonic()
     done = stack.wait_finished(running["id"], timeout=120)
     assert done["status"] == "succeeded", stack.diagnostics(running["id"])
@@ -500,13 +502,13 @@ def test_burst_of_1000_submissions_from_20_clients(service_kit, tmp_path):
         # The worker still receives every cancelled job's message; each is a no-op claim. The pool
         # process is kept across tasks, so the backlog drains in seconds, not hours.
         client = stack.redis.client()
-        backlog = client.llen("jobs")
+        backlog = client.llen(QUEUE)
         drain_started = time.monotonic()
         deadline = drain_started + 180
-        while client.llen("jobs") and time.monotonic() < deadline:
+        while client.llen(QUEUE) and time.monotonic() < deadline:
             time.sleep(1)
         drain_seconds = time.monotonic() - drain_started
         print(f"\nBURST {backlog} queued messages drained in {drain_seconds:.1f} s, none ran")
-        assert client.llen("jobs") == 0, f"{client.llen('jobs')} of {backlog} messages left"
+        assert client.llen(QUEUE) == 0, f"{client.llen('jobs')} of {backlog} messages left"
         after = {job["id"]: (job["status"], job["attempt"]) for job in map(stack.job, ids)}
         assert after == {job["id"]: (job["status"], job["attempt"]) for job in final}
