@@ -8,7 +8,7 @@ the metrics rows, and ``--token`` if auth is on).
 Measured:
 
 * ``GET /v1/jobs/{id}`` and ``GET /v1/jobs/{id}/metrics`` of a 200-epoch job (200 epoch rows
-  written with ``api.jobs.record_epoch`` directly, no training), each
+  written with ``jobstore.jobs.record_epoch`` directly, no training, the job finished), each
   - closed loop: 50 connections, each sending its next request when the last one returns
     (requests/s, p50, p99);
   - open loop: a fixed offered rate of 200 requests/s; latency counted from each request's
@@ -143,16 +143,19 @@ class OwnStack:
 
 
 def seed_job(epochs: int = 200) -> str:
-    """A job row with `epochs` metrics rows, written through the service functions (no training,
-    not enqueued)."""
+    """A finished job with `epochs` metrics rows, written through the service functions (no
+    training, not enqueued). It is claimed at once and marked succeeded, so that the reaper of a
+    running server (``--url``) does not find it queued and train it mid-measurement."""
     from jobstore import jobs
     from jobstore.db import session_scope
+    from jobstore.tables import JobStatus
 
     with session_scope() as session:
         job = jobs.create_job(
             session, spec={"dataset": "digits", "architecture": "mlp", "epochs": epochs},
             owner_id=None,
         )  # fmt: skip
+        jobs.claim_job(session, job.id, worker="benchmark")
         for epoch in range(1, epochs + 1):
             jobs.record_epoch(
                 session, job.id,
@@ -164,6 +167,7 @@ def seed_job(epochs: int = 200) -> str:
                                for i in range(2)],
                 },
             )  # fmt: skip
+        jobs.finish_job(session, job.id, status=JobStatus.SUCCEEDED)
         return job.id
 
 
