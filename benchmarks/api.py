@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import re
 import shutil
 import signal
@@ -46,6 +45,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from _machine import host_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,16 +63,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{platform.node()}, {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 class OwnStack:
@@ -382,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         waits = submit_to_running(url, headers, samples=args.submits)
         print(f"\n### API benchmark ({datetime.now().date()})\n")
-        print(f"Machine: {machine()}. Database: {backend}. Server: one uvicorn process; "
+        print(f"Machine: {host_name()}. Database: {backend}. Server: one uvicorn process; "
               "the client runs on the same machine.\n")  # fmt: skip
         print("| request | load | requests/s | p50 ms | p99 ms | errors |")
         print("|---|---|---:|---:|---:|---:|")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _machine import host_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,16 +42,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _status_kb(pid: int, key: str, name: str = "status") -> int:
@@ -183,7 +173,7 @@ def main() -> int:
             f"| {label} | {first[len(first) // 2]:.2f} s (min {first[0]:.2f}) | "
             f"{max(m for _, m in startups):.0f} MB | {processes} | {rss:.0f} MB | {pss:.0f} MB |"
         )
-    print(f"\nMachine: {machine()}\n")
+    print(f"\nMachine: {host_name()}\n")
     print(
         "| checkout | API start to first answer (median) | API RSS | stack processes "
         "| stack RSS (sum) | stack PSS (sum) |"
