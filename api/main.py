@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.routes import health, jobs
 from api.schemas import CLIENT_FIELDS
+from jobstore import queue
 from jobstore.errors import FieldError, error_body
 from jobstore.settings import get_settings
 
@@ -74,9 +77,22 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    queue.warm_up()
+    # Everything loaded so far (FastAPI, SQLAlchemy, pydantic, Celery's message code) lives as long
+    # as the process: out of the collector's sight. A full collection scanned it all, about 200 ms
+    # with the event loop stopped, every few seconds under a stream of submissions.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+    yield
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
+        lifespan=lifespan,
         title="jumpout",
         summary="Train networks with Jumpout, dropout or neither, as a service",
         version="0.1.0",

@@ -106,7 +106,20 @@ def principal(connection: Connection, token: str | None) -> Principal:
     )
 
 
+def caller(token: str | None) -> Principal:
+    """`principal` on a read connection of its own; none is opened when no token is presented."""
+    if not token:
+        return principal_for(None, lambda digest: None)
+    return read(principal, token)
+
+
 # --- jobs ------------------------------------------------------------------------------------
+
+
+def job_body(job: Job) -> bytes:
+    """The `JobRead` body of a `Job` just written (its owner loaded with it)."""
+    owner = job.owner.name if job.owner is not None else None
+    return orjson.dumps(job_view(job, owner=owner), option=JSON_OPTIONS)
 
 
 def job_json(connection: Connection, job_id: str) -> bytes:

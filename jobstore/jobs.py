@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobstore.errors import (
@@ -89,42 +89,66 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
     _check_server_limits(config, given=spec)
     resolved = config.to_dict()
 
+    owner = None
     if owner_id is not None:
         # Serialise submissions per token (row lock on PostgreSQL; SQLite's BEGIN IMMEDIATE
-        # already serialises writers) so the queued-job limit cannot be overrun by a race.
-        session.execute(select(ApiToken.id).where(ApiToken.id == owner_id).with_for_update())
-    queued = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.owner_id.is_(None) if owner_id is None else Job.owner_id == owner_id)
-        .where(Job.status == JobStatus.QUEUED)
-    )
+        # already serialises writers) so the queued-job limit cannot be overrun by a race. The row
+        # is kept as job.owner: reading the job's owner later would take another transaction.
+        owner = session.scalars(
+            select(ApiToken).where(ApiToken.id == owner_id).with_for_update()
+        ).one_or_none()
     limit = settings.max_queued_per_token
+    # Counted up to the limit only (the index covers the inner select): bounded work under the
+    # write lock however many jobs are queued.
+    # Core statements on the session's connection: the ORM's execution layer cost more CPU than
+    # the database for these two (the submit route is what concurrent clients wait on).
+    connection = session.connection()
+    queued = connection.execute(
+        _QUEUED_OF_ANONYMOUS if owner_id is None else _QUEUED_OF_OWNER,
+        {"owner_id": owner_id, "limit": limit},
+    ).scalar_one()
     if queued >= limit:
         session.rollback()
         raise TooManyQueued(
             f"this token already has {queued} queued jobs; the limit is {limit} "
             "(max_queued_per_token): wait for some to start or cancel them"
         )
-    job = Job(
-        id=job_id,
-        status=JobStatus.QUEUED,
-        spec=resolved,
-        method=config.method,
-        dataset=config.dataset,
-        architecture=config.architecture,
-        owner_id=owner_id,
-        attempt=0,
-        max_attempts=settings.max_attempts,
-        epochs=config.epochs,
-        epoch=0,
-        device=config.device,
-        cancel_requested=False,
-        created_at=utcnow(),
-    )
-    session.add(job)
+    values = {
+        "id": job_id,
+        "status": JobStatus.QUEUED.value,
+        "spec": resolved,
+        "method": config.method,
+        "dataset": config.dataset,
+        "architecture": config.architecture,
+        "owner_id": owner_id,
+        "attempt": 0,
+        "max_attempts": settings.max_attempts,
+        "epochs": config.epochs,
+        "epoch": 0,
+        "device": config.device,
+        "cancel_requested": False,
+        "created_at": utcnow(),
+    }
+    # A Core INSERT: the ORM's unit of work cost 2 ms of the submit route's CPU for one row.
+    connection.execute(_INSERT_JOB, values)
     session.commit()
-    return job
+    # The caller's copy of what was stored (not attached to the session).
+    return Job(**values, owner=owner)
+
+
+def _queued_count(owner: Any) -> Select:
+    queued = (
+        select(Job.status)
+        .where(owner, Job.status == JobStatus.QUEUED)
+        .limit(bindparam("limit"))
+        .subquery()
+    )
+    return select(func.count()).select_from(queued)
+
+
+_QUEUED_OF_ANONYMOUS = _queued_count(Job.owner_id.is_(None))
+_QUEUED_OF_OWNER = _queued_count(Job.owner_id == bindparam("owner_id"))
+_INSERT_JOB = insert(Job.__table__)
 
 
 def server_fields(job_id: str) -> dict[str, Any]:

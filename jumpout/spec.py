@@ -398,8 +398,10 @@ class TrainConfig:
     )
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as a plain dict of JSON values."""
-        return dataclasses.asdict(self)
+        """The configuration as a plain dict of JSON values (a copy: the list is copied too)."""
+        values = dict(self.__dict__)
+        values["milestones"] = list(self.milestones)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -1,6 +1,6 @@
 """Fixtures for the API tests: every test runs on SQLite (a file in tmp_path) and on PostgreSQL
 (a database created for the test session on 127.0.0.1:5432), with the schema built by the Alembic
-migrations, and the broker's `enqueue_job` replaced by a recorder."""
+migrations, and the broker's `enqueue_job` (and its async twin) replaced by a recorder."""
 
 from __future__ import annotations
 
@@ -103,7 +103,12 @@ def configure(monkeypatch, settings):
 def enqueued(monkeypatch) -> list[str]:
     """The job ids the API sent to the broker (nothing reaches a real broker)."""
     calls: list[str] = []
+
+    async def record(job_id: str) -> None:
+        calls.append(job_id)
+
     monkeypatch.setattr(queue, "enqueue_job", calls.append)
+    monkeypatch.setattr(queue, "enqueue_job_async", record)
     return calls
 
 

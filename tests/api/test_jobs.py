@@ -41,10 +41,10 @@ def test_submit_answers_201_with_location_and_the_resolved_spec(client, settings
 
 
 def test_submit_with_the_broker_down_keeps_the_job_queued(client, monkeypatch, caplog):
-    def unreachable(job_id):
+    async def unreachable(job_id):
         raise ConnectionRefusedError("connection refused")
 
-    monkeypatch.setattr(queue, "enqueue_job", unreachable)
+    monkeypatch.setattr(queue, "enqueue_job_async", unreachable)
     with caplog.at_level(logging.WARNING, logger="jobstore.queue"):
         response = client.post("/v1/jobs", json=SPEC)
     assert response.status_code == 201

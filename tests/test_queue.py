@@ -1,0 +1,83 @@
+"""The job message the service pushes to Redis is the one Celery's own `send_task` would write
+(kombu's Redis envelope, Celery's protocol 2), so that a worker, and the reaper reading the queue,
+cannot tell them apart. Uses the machine's Redis (127.0.0.1:6379, a database of its own)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import redis
+
+from jobstore import queue
+from jobstore.settings import get_settings
+
+URL = "redis://127.0.0.1:6379/13"
+JOB_ID = "0123456789abcdef0123456789abcdef"
+PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "reply_to"}
+
+
+@pytest.fixture
+def broker(monkeypatch):
+    monkeypatch.setenv("JUMPOUT_BROKER_URL", URL)
+    get_settings.cache_clear()
+    client = redis.Redis.from_url(URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379 (make services starts one)")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    get_settings.cache_clear()
+
+
+def pushed(client) -> dict:
+    (raw,) = client.lrange(queue.QUEUE, 0, -1)
+    client.delete(queue.QUEUE)
+    message = json.loads(raw)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    for part in ("headers", "properties"):
+        message[part] = {k: v for k, v in message[part].items() if k not in PER_MESSAGE}
+    return message
+
+
+def test_the_pushed_message_is_what_send_task_writes(broker):
+    queue.celery_app().send_task(queue.RUN_JOB_TASK, args=[JOB_ID], queue=queue.QUEUE)
+    expected = pushed(broker)
+    queue.enqueue_job(JOB_ID)
+    assert pushed(broker) == expected
+    assert expected["body"][0] == [JOB_ID]
+
+
+def test_the_event_loop_publishes_the_same_message(broker):
+    import asyncio
+
+    queue.enqueue_job(JOB_ID)
+    expected = pushed(broker)
+    asyncio.run(queue.enqueue_job_async(JOB_ID))
+    assert pushed(broker) == expected
+
+
+def test_the_reaper_reads_the_job_id_back(broker):
+    from worker import reaper
+
+    queue.enqueue_job(JOB_ID)
+    assert reaper._job_ids(broker.lrange(queue.QUEUE, 0, -1)) and set(
+        reaper._job_ids(broker.lrange(queue.QUEUE, 0, -1))
+    ) == {JOB_ID}
+
+
+def test_an_unreachable_broker_fails_within_the_publish_timeout(monkeypatch):
+    import time
+
+    # A port nothing listens on: refused at once; a hung broker is bounded by PUBLISH_TIMEOUT_S.
+    monkeypatch.setenv("JUMPOUT_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    started = time.monotonic()
+    try:
+        assert queue.try_enqueue(JOB_ID) is False
+    finally:
+        get_settings.cache_clear()
+    assert time.monotonic() - started < 2 * queue.PUBLISH_TIMEOUT_S
