@@ -14,6 +14,7 @@ Measured:
   - open loop: a fixed offered rate of 200 requests/s; latency counted from each request's
     scheduled send time, so a server that falls behind is charged for the wait; requests/s is
     what completed until the last response (below 200 when the server cannot keep up);
+* ``POST /v1/jobs`` from 20 concurrent clients (the worker stopped first, so no training competes);
 * submit to ``running`` with an idle worker: ``started_at - created_at`` as the server records
   them (claim by the worker), for a few tiny jobs one after another.
 
@@ -46,6 +47,7 @@ from pathlib import Path
 
 import httpx
 from _machine import host_name
+from submit import submit_load
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -80,6 +82,8 @@ class OwnStack:
             JUMPOUT_PORT=str(self.port),
             JUMPOUT_DEVICE="cpu",
             JUMPOUT_HEARTBEAT_INTERVAL="1",
+            # The submission row queues a thousand jobs under one (anonymous) owner.
+            JUMPOUT_MAX_QUEUED_PER_TOKEN="100000",
             PYTHONUNBUFFERED="1",
         )
         if database_url:
@@ -94,6 +98,7 @@ class OwnStack:
         self._spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
                      "--port", str(self.port), "--no-access-log",
                      "--log-level", "warning"])  # fmt: skip
+        self.worker = len(self.processes)
         self._spawn([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
                      "--loglevel", "WARNING",
                      "--without-mingle", "--without-gossip"])  # fmt: skip
@@ -121,6 +126,13 @@ class OwnStack:
                 start_new_session=True,
             )  # fmt: skip
         )
+
+    def stop_worker(self) -> None:
+        """No training beside the submission measurement: the submitted jobs stay queued."""
+        worker = self.processes[self.worker]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
 
     def close(self) -> None:
         for process in reversed(self.processes):
@@ -329,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="offered requests/s")
     parser.add_argument("--submits", type=int, default=5, help="submit-to-running samples")
     parser.add_argument("--wrk", action="store_true", help="also the closed loop with wrk")
+    parser.add_argument("--submissions", type=int, default=1000, help="POSTs from 20 clients")
     args = parser.parse_args(argv)
 
     stack = None if args.url else OwnStack(args.database_url)
@@ -371,12 +384,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ms(percentile(opened['latencies'], 99))} | {opened['errors']} |"
             )
         waits = submit_to_running(url, headers, samples=args.submits)
+        if stack is not None:
+            stack.stop_worker()
+        submitted = submit_load(url, clients=20, total=args.submissions, token=args.token)
         print(f"\n### API benchmark ({datetime.now().date()})\n")
         print(f"Machine: {host_name()}. Database: {backend}. Server: one uvicorn process; "
               "the client runs on the same machine.\n")  # fmt: skip
         print("| request | load | requests/s | p50 ms | p99 ms | errors |")
         print("|---|---|---:|---:|---:|---:|")
         print("\n".join(rows))
+        print(
+            f"| submit (POST /v1/jobs) | closed loop, 20 connections, {args.submissions} jobs | "
+            f"{submitted['rps']:.0f} | {ms(submitted['p50'])} | {ms(submitted['p99'])} "
+            f"(max {ms(submitted['max'])}) | {args.submissions - len(submitted['created'])} |"
+        )
         if waits:
             print(
                 f"| submit to running, idle worker | {len(waits)} jobs, one at a time | - | "
