@@ -4,12 +4,12 @@ The API never imports `worker/`: it sends the task by name. Job state lives in t
 message carries only the job id and its result is never read (Celery reports PENDING for ids it
 has never seen).
 
-On a Redis broker (every deployment of this project) the message is built by Celery
-(`app.amqp.as_task_v2`, its protocol 2) and pushed with one LPUSH in the envelope kombu's Redis
-transport writes (`kombu_envelope`; the reaper reads the same layout back). `send_task` made a
-new Redis client inside kombu for every publish, about 2.5 ms of CPU per submission, a third of
-the submit route's; the envelope is checked against a real `send_task` by a test. Any other broker
-URL goes through `send_task`.
+On a Redis broker (every deployment of this project) the message, Celery's task protocol 2 in the
+envelope kombu's Redis transport writes, is pushed with one LPUSH (`kombu_envelope`; the reaper
+reads the same layout back). `send_task` made a new Redis client inside kombu for every publish,
+about 2.5 ms of CPU per submission, a third of the submit route's, and importing Celery was half
+of the API's start-up; the envelope is checked against a real `send_task` by a test. Any other
+broker URL goes through `send_task`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import os
+import socket
 import threading
 import uuid
 from functools import lru_cache
@@ -90,47 +91,57 @@ def _redis_client(url: str):
         return client
 
 
-@lru_cache(maxsize=4)
-def _message_template(broker_url: str, visibility_timeout: float) -> dict[str, Any]:
-    """Celery's protocol-2 message for `run_job`, built once per process by Celery itself; each
-    message then changes only its ids and argument (headers were 7% of the submit route's CPU)."""
-    app = _celery_app(broker_url, visibility_timeout)
-    message = app.amqp.as_task_v2(
-        "<id>", RUN_JOB_TASK, args=["<job>"], kwargs={}, ignore_result=None
-    )
-    return {
-        "headers": message.headers,
-        "properties": {
-            **message.properties,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": QUEUE},
-            "priority": 0,
-            "body_encoding": "base64",
-        },
-        "body": message.body,
-    }
+def _origin() -> str:
+    # What Celery writes for a client that is not a worker (celery.utils.nodenames.anon_nodename).
+    return f"gen{os.getpid()}@{socket.gethostname()}"
 
 
 def kombu_envelope(job_id: str) -> str:
-    """The `run_job(job_id)` message as kombu's Redis transport stores it in the queue's list."""
-    settings = get_settings()
-    template = _message_template(settings.broker_url, settings.visibility_timeout)
+    """The `run_job(job_id)` message as Celery's `send_task` would write it into the queue's list
+    on a Redis broker: Celery's task protocol 2 (headers, and a body of args, kwargs and an empty
+    workflow) in kombu's Redis envelope. Written out here so that the API neither imports Celery
+    (half a second of start-up, 60 MB) nor builds a kombu client per publish (2.5 ms of CPU per
+    submission); tests/test_queue.py checks it against `send_task`'s message byte for byte, bar the
+    ids."""
     task_id = str(uuid.uuid4())
-    headers = {**template["headers"], "id": task_id, "root_id": task_id}
-    headers["argsrepr"] = repr([job_id])
-    properties = {
-        **template["properties"],
-        "correlation_id": task_id,
-        "delivery_tag": str(uuid.uuid4()),
+    headers = {
+        "lang": "py",
+        "task": RUN_JOB_TASK,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": repr([job_id]),
+        "kwargsrepr": "{}",
+        "origin": _origin(),
+        "ignore_result": None,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
     }
-    body = json.dumps([[job_id], *template["body"][1:]]).encode()
+    workflow = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    body = json.dumps([[job_id], {}, workflow]).encode()
     return json.dumps(
         {
             "body": base64.b64encode(body).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": headers,
-            "properties": properties,
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": QUEUE},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
         }
     )
 
@@ -189,10 +200,11 @@ async def try_enqueue_async(job_id: str) -> bool:
 
 
 def warm_up() -> None:
-    """Build the Celery app and import the Redis client now: the first import from several
-    request threads at once failed in some of them ("cannot import name 'Celery'"), and those
-    submissions stayed queued without a message until the reaper re-sent them a minute later."""
-    kombu_envelope("0" * 32)
+    """Import the Redis clients now, not in the first requests: when the API published through
+    Celery, a first import from several request threads at once failed in some of them ("cannot
+    import name 'Celery'"), and those submissions stayed queued without a message for a minute."""
+    import redis.asyncio  # noqa: F401
+
     _redis_client(get_settings().broker_url)
 
 

@@ -42,8 +42,8 @@ def loaded_by(*modules: str) -> set[str]:
             ["jobstore.jobs", "jobstore.db", "jobstore.queue", "jobstore.errors"],
             {"torch", "torchvision", "fastapi", "api", "worker", "launcher"},
         ),
-        # The API process: no torch (memory, start-up), no worker.
-        (["api.main", "api.cli"], {"torch", "torchvision", "worker", "launcher"}),
+        # The API process: no torch, no Celery (memory, start-up), no worker.
+        (["api.main", "api.cli"], {"torch", "torchvision", "worker", "launcher", "celery"}),
         # The worker side: never the API (the trainer imports torch when it trains, not here).
         (
             ["worker.tasks", "worker.supervisor", "worker.reaper", "worker.trainer"],
