@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -37,6 +36,7 @@ import redis
 from _machine import host_name
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 SPEC = {"dataset": "digits", "architecture": "mlp", "epochs": 1}
 
 
@@ -95,20 +95,13 @@ def submit_load(url: str, *, clients: int = 20, total: int = 2000, token: str | 
     }
 
 
-def queued_in_broker(broker_url: str, queue: str = "jobs") -> list[str]:
-    """The job ids of the run_job messages waiting in the broker's queue."""
-    ids = []
-    for raw in redis.Redis.from_url(broker_url).lrange(queue, 0, -1):
-        message = json.loads(raw)
-        ids.append(json.loads(base64.b64decode(message["body"]))[0][0])
-    return ids
-
-
 def lost(created: list[str], database: Path, broker_url: str) -> int:
     """201s that are not a stored job, or whose queued job has no message in the broker."""
+    from jobstore import queue
+
     with contextlib.closing(sqlite3.connect(database)) as connection:
         status = dict(connection.execute("SELECT id, status FROM jobs"))
-    in_broker = set(queued_in_broker(broker_url))
+    in_broker = set(queue.job_ids(redis.Redis.from_url(broker_url).lrange(queue.QUEUE, 0, -1)))
     return sum(
         job_id not in status or (status[job_id] == "queued" and job_id not in in_broker)
         for job_id in created

@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -72,21 +73,24 @@ _redis_clients: dict[tuple[str, int], Any] = {}
 _redis_clients_lock = threading.Lock()
 
 
-def _redis_client(url: str):
-    """One client (a connection pool) per broker URL and process, or None for a non-Redis URL."""
-    if not url.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
-        return None
-    key = (url, os.getpid())  # a pooled connection must never cross a fork
+def redis_address(url: str) -> str | None:
+    """The broker URL as redis-py reads it (Celery spells a unix socket ``redis+socket://``), or
+    None when the broker is not Redis."""
+    if url.startswith("redis+socket://"):
+        return "unix://" + url.removeprefix("redis+socket://")
+    return url if url.startswith(("redis://", "rediss://", "unix://")) else None
+
+
+def _redis_client(address: str):
+    """One client (a connection pool) per Redis address and process."""
+    key = (address, os.getpid())  # a pooled connection must never cross a fork
     with _redis_clients_lock:
         client = _redis_clients.get(key)
         if client is None:
             import redis
 
-            address = "unix://" + url.removeprefix("redis+socket://") if "+socket" in url else url
             client = _redis_clients[key] = redis.Redis.from_url(
-                address,
-                socket_connect_timeout=PUBLISH_TIMEOUT_S,
-                socket_timeout=PUBLISH_TIMEOUT_S,
+                address, socket_connect_timeout=PUBLISH_TIMEOUT_S, socket_timeout=PUBLISH_TIMEOUT_S
             )
         return client
 
@@ -146,31 +150,46 @@ def kombu_envelope(job_id: str) -> str:
     )
 
 
+def job_ids(raw_messages: Iterable[bytes | str]) -> Iterator[str]:
+    """The job ids of `run_job` messages in kombu's Redis envelope (what `kombu_envelope` and
+    `send_task` write); anything else is skipped."""
+    for raw in raw_messages:
+        try:
+            message = json.loads(raw)
+            body = message["body"]
+            if message.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            if args:
+                yield str(args[0])
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+
+
 def enqueue_job(job_id: str) -> None:
     """Send `jumpout.run_job(job_id)` to the `jobs` queue. Raises when the broker is unreachable
     (within `PUBLISH_TIMEOUT_S` on Redis)."""
-    client = _redis_client(get_settings().broker_url)
-    if client is None:
+    address = redis_address(get_settings().broker_url)
+    if address is None:
         celery_app().send_task(
             RUN_JOB_TASK, args=[job_id], queue=QUEUE, retry=True, retry_policy=PUBLISH_RETRY_POLICY
         )
         return
-    client.lpush(QUEUE, kombu_envelope(job_id))
+    _redis_client(address).lpush(QUEUE, kombu_envelope(job_id))
 
 
 _async_clients: dict[tuple[str, int], Any] = {}
 
 
-def _async_redis_client(url: str):
-    """The asyncio twin of `_redis_client`, one per broker URL and event loop."""
+def _async_redis_client(address: str):
+    """The asyncio twin of `_redis_client`, one per Redis address and event loop."""
     import asyncio
 
     import redis.asyncio
 
-    key = (url, id(asyncio.get_running_loop()))
+    key = (address, id(asyncio.get_running_loop()))
     client = _async_clients.get(key)
     if client is None:
-        address = "unix://" + url.removeprefix("redis+socket://") if "+socket" in url else url
         client = _async_clients[key] = redis.asyncio.Redis.from_url(
             address, socket_connect_timeout=PUBLISH_TIMEOUT_S, socket_timeout=PUBLISH_TIMEOUT_S
         )
@@ -180,17 +199,18 @@ def _async_redis_client(url: str):
 async def enqueue_job_async(job_id: str) -> None:
     """`enqueue_job` for an event loop: a slow or hung broker holds neither the loop nor a
     thread, only this request, for at most `PUBLISH_TIMEOUT_S`."""
-    url = get_settings().broker_url
-    if _redis_client(url) is None:
+    address = redis_address(get_settings().broker_url)
+    if address is None:
         from starlette.concurrency import run_in_threadpool
 
         await run_in_threadpool(enqueue_job, job_id)
         return
-    await _async_redis_client(url).lpush(QUEUE, kombu_envelope(job_id))
+    await _async_redis_client(address).lpush(QUEUE, kombu_envelope(job_id))
 
 
-async def try_enqueue_async(job_id: str) -> bool:
-    """`try_enqueue` for an event loop."""
+async def try_enqueue(job_id: str) -> bool:
+    """Enqueue from the API's event loop, logging (not raising) a broker failure: the job stays
+    queued in the database and the reaper sends it later."""
     try:
         await enqueue_job_async(job_id)
     except Exception as exc:  # any broker/transport error; the row is the source of truth
@@ -200,33 +220,21 @@ async def try_enqueue_async(job_id: str) -> bool:
 
 
 def warm_up() -> None:
-    """Import the Redis clients now, not in the first requests: when the API published through
-    Celery, a first import from several request threads at once failed in some of them ("cannot
-    import name 'Celery'"), and those submissions stayed queued without a message for a minute."""
+    """Import the asyncio Redis client at start-up rather than in the first submission."""
     import redis.asyncio  # noqa: F401
-
-    _redis_client(get_settings().broker_url)
-
-
-def try_enqueue(job_id: str) -> bool:
-    """Enqueue, logging (not raising) a broker failure: the job stays queued in the database."""
-    try:
-        enqueue_job(job_id)
-    except Exception as exc:  # any broker/transport error; the row is the source of truth
-        logger.warning("job %s stays queued: could not reach the broker (%s)", job_id, exc)
-        return False
-    return True
 
 
 def broker_ping(timeout: float = 1.0) -> bool:
     """True when the broker's Redis answers PING."""
     import redis
 
-    url = get_settings().broker_url
-    if url.startswith("redis+socket://"):  # Celery's spelling of a unix-socket Redis URL
-        url = "unix://" + url.removeprefix("redis+socket://")
+    address = redis_address(get_settings().broker_url)
+    if address is None:
+        return False
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = redis.Redis.from_url(
+            address, socket_connect_timeout=timeout, socket_timeout=timeout
+        )
         try:
             return bool(client.ping())
         finally:

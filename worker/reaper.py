@@ -17,20 +17,19 @@ reaper per deployment (the compose ``reaper`` service; the embedded launcher sta
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
 from jobstore import db, jobs
-from jobstore.queue import QUEUE, enqueue_job
+from jobstore.queue import QUEUE, enqueue_job, job_ids, redis_address
 from jobstore.settings import get_settings
 from jobstore.tables import Job, JobStatus
 
@@ -90,11 +89,11 @@ def _ids_in_broker(recent_s: float = UNACKED_RECENT.total_seconds()) -> set[str]
     """
     import redis
 
-    url = get_settings().broker_url
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    address = redis_address(get_settings().broker_url)
+    if address is None:
         return None
     try:
-        client = redis.Redis.from_url(url, socket_timeout=5)
+        client = redis.Redis.from_url(address, socket_timeout=5)
         # kombu keeps a queue's messages of priority 0 in a list named after the queue, other
         # priorities in "<queue>\x06\x16<priority>"; delivered, unacknowledged ones in the hash
         # "unacked", with their delivery times in the sorted set "unacked_index".
@@ -106,28 +105,14 @@ def _ids_in_broker(recent_s: float = UNACKED_RECENT.total_seconds()) -> set[str]
     except redis.RedisError as error:
         log.warning("cannot read the broker's queue: %s", error)
         return None
-    ids = set(_job_ids(raw))
+    ids = set(job_ids(raw))
     for value in unacked:
         try:
             message = json.loads(value)[0]
         except (ValueError, IndexError, TypeError):
             continue
-        ids.update(_job_ids([json.dumps(message)]))
+        ids.update(job_ids([json.dumps(message)]))
     return ids
-
-
-def _job_ids(raw_messages: Iterable[bytes | str]) -> Iterable[str]:
-    for raw in raw_messages:
-        try:
-            message = json.loads(raw)
-            body = message["body"]
-            if message.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            args = json.loads(body)[0]
-            if args:
-                yield str(args[0])
-        except (ValueError, KeyError, IndexError, TypeError):
-            continue
 
 
 def run_forever(stop: threading.Event) -> None:

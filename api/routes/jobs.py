@@ -66,7 +66,7 @@ async def submit_job(body: JobCreate, credentials: BearerDep):
         job_id, content = await run_in_threadpool(_store, spec, token)
     # The row is committed first; if the broker is down the job stays queued for the reaper.
     # Shielded: a client that hangs up after the commit must not cancel the publish.
-    await asyncio.shield(queue.try_enqueue_async(job_id))
+    await asyncio.shield(queue.try_enqueue(job_id))
     return Response(
         content=content,
         status_code=status.HTTP_201_CREATED,
