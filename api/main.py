@@ -80,9 +80,10 @@ class BodySizeLimit:
 @asynccontextmanager
 async def lifespan(_app: FastAPI):
     queue.warm_up()
-    # Everything loaded so far (FastAPI, SQLAlchemy, pydantic, Celery's message code) lives as long
-    # as the process: out of the collector's sight. A full collection scanned it all, about 200 ms
-    # with the event loop stopped, every few seconds under a stream of submissions.
+    # Everything loaded so far (FastAPI, SQLAlchemy, pydantic) lives as long as the process: out of
+    # the collector's sight. A full collection scanned it all, about 200 ms with the event loop
+    # stopped, every few seconds under a stream of submissions; the larger first threshold makes
+    # the younger collections rarer too.
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)

@@ -118,8 +118,7 @@ def caller(token: str | None) -> Principal:
 
 def job_body(job: Job) -> bytes:
     """The `JobRead` body of a `Job` just written (its owner loaded with it)."""
-    owner = job.owner.name if job.owner is not None else None
-    return orjson.dumps(job_view(job, owner=owner), option=JSON_OPTIONS)
+    return orjson.dumps(job_view(job), option=JSON_OPTIONS)
 
 
 def job_json(connection: Connection, job_id: str) -> bytes:
@@ -129,7 +128,7 @@ def job_json(connection: Connection, job_id: str) -> bytes:
     row = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
     if row is None:
         raise JobNotFound(job_id)
-    return orjson.dumps(job_view(row, owner=row.owner_name), option=JSON_OPTIONS)
+    return orjson.dumps(job_view(row), option=JSON_OPTIONS)
 
 
 def jobs_page_json(
@@ -145,7 +144,7 @@ def jobs_page_json(
     query = filter_jobs(_JOBS, status=status, method=method, dataset=dataset, cursor=cursor)
     rows = connection.execute(query.limit(limit + 1)).all()
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    items = [job_view(row, owner=row.owner_name) for row in rows[:limit]]
+    items = [job_view(row) for row in rows[:limit]]
     body = {"items": items, "next_cursor": next_cursor}
     return orjson.dumps(body, option=JSON_OPTIONS)
 

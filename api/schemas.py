@@ -15,7 +15,6 @@ None of the shapes is written out here field by field where another declaration 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import typing
 from datetime import datetime
@@ -25,9 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model,
 
 from jobstore.jobs import job_view
 from jobstore.tables import LAYER_FIELDS, METRIC_FIELDS, READ_COLUMNS, Job, JobStatus
-from jumpout.spec import FIELDS, MAX_MILESTONES, ConfigError, FieldSpec, Method, TrainConfig
+from jumpout.spec import FIELDS, MAX_MILESTONES, REQUIRED, ConfigError, FieldSpec, Method, default
 
-REQUIRED_FIELDS = ("dataset", "architecture")
 CLIENT_FIELDS = tuple(name for name, spec in FIELDS.items() if not spec.operator)
 """The spec fields an API client may set, in the spec's order."""
 
@@ -49,22 +47,18 @@ def _request_field(spec: FieldSpec) -> tuple[Any, Any]:
     else:  # pragma: no cover - paths are operator fields
         annotation = str
     description = f"{spec.help}: {spec.accepted()}"
-    if spec.name in REQUIRED_FIELDS:
+    if spec.name in REQUIRED:
         return annotation, Field(description=description, **constraints)
     if spec.recipe:
         description += "; omitted: the recipe's value for the (dataset, architecture) pair"
     elif not spec.nullable:
-        description += f"; omitted: {_default(spec.name)!r}"
+        description += f"; omitted: {default(spec.name)!r}"
     return annotation | None, Field(None, description=description, **constraints)
-
-
-def _default(name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
 def _check_with_spec(cls, value: Any, info: ValidationInfo) -> Any:
     # null means "the recipe's value" for a field that has no null of its own.
-    if value is None and info.field_name not in REQUIRED_FIELDS:
+    if value is None and info.field_name not in REQUIRED:
         return None
     try:
         return FIELDS[info.field_name].check(value)
@@ -124,11 +118,9 @@ def _column_field(column) -> tuple[Any, Any]:
 
 class _JobReadBase(BaseModel):
     @classmethod
-    def from_job(cls, job, *, owner: str | None = None) -> JobRead:
+    def from_job(cls, job) -> JobRead:
         """From a `Job` (its owner loaded with it)."""
-        if owner is None and job.owner is not None:
-            owner = job.owner.name
-        return cls.model_validate(job_view(job, owner=owner))
+        return cls.model_validate(job_view(job))
 
 
 JobRead = create_model(

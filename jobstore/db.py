@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,14 +166,24 @@ def _configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
             raise
 
 
+def is_sqlite(url: str | None = None) -> bool:
+    """Whether `url` (default: settings.database_url) is a SQLite database: a local file whose
+    writes take a millisecond and never wait on a network."""
+    return _backend(url or get_settings().database_url) == "sqlite"
+
+
+@lru_cache(maxsize=8)
+def _backend(url: str) -> str:
+    return make_url(url).get_backend_name()
+
+
 def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
     """A new engine for `url` (default: settings.database_url), configured for this project.
     `read_only`: autocommit, for the API's reads (`get_read_engine`)."""
     settings = get_settings()
     url = url or settings.database_url
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
+    if is_sqlite(url):
+        database = make_url(url).database
         locked = _is_file(database) and not read_only
         connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         if _is_file(database):

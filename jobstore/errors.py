@@ -99,11 +99,6 @@ class TooManyQueued(ServiceError):
     code = "too_many_queued_jobs"
 
 
-class ServerMisconfigured(ServiceError):
-    status_code = 500
-    code = "server_misconfigured"
-
-
 class TokenError(ServiceError):
     """A token-management error (the CLI prints these)."""
 

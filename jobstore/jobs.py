@@ -34,7 +34,6 @@ from jobstore.errors import (
     InvalidSpec,
     JobFinished,
     JobNotFound,
-    ServerMisconfigured,
     TooManyQueued,
 )
 from jobstore.settings import get_settings
@@ -51,7 +50,7 @@ from jobstore.tables import (
     new_job_id,
     utcnow,
 )
-from jumpout.spec import FIELDS, ConfigError, TrainConfig, resolve_config
+from jumpout.spec import REQUIRED, ConfigError, TrainConfig, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +71,12 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
     """
     settings = get_settings()
     job_id = new_job_id()
-    overrides = {k: v for k, v in spec.items() if k not in ("dataset", "architecture")}
-    overrides.update(server_fields(job_id))
+    overrides = {k: v for k, v in spec.items() if k not in REQUIRED} | server_fields(job_id)
     try:
         config = resolve_config(spec["dataset"], spec["architecture"], **overrides)
     except ConfigError as exc:
-        if FIELDS.get(exc.field) is not None and FIELDS[exc.field].operator:
-            # Not the client's fault: a JUMPOUT_* setting the library refuses.
-            logger.error("the %s setting is refused by the library: %s", exc.field, exc.message)
-            raise ServerMisconfigured(
-                f"the server's {exc.field} setting is invalid: {exc.message}"
-            ) from None
+        # The operator fields (server_fields) cannot be at fault: the settings that fill them are
+        # checked against the same spec when they load.
         raise InvalidSpec(
             f"invalid value for: {exc.field}", fields=[FieldError(exc.field, exc.message)]
         ) from None
@@ -98,10 +92,9 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
             select(ApiToken).where(ApiToken.id == owner_id).with_for_update()
         ).one_or_none()
     limit = settings.max_queued_per_token
-    # Counted up to the limit only (the index covers the inner select): bounded work under the
-    # write lock however many jobs are queued.
-    # Core statements on the session's connection: the ORM's execution layer cost more CPU than
-    # the database for these two (the submit route is what concurrent clients wait on).
+    # Core statements on the session's connection (the ORM's execution layer cost more CPU than
+    # the database for these two); queued jobs are counted up to the limit only, so the work
+    # under the write lock is bounded however many are queued.
     connection = session.connection()
     queued = connection.execute(
         _QUEUED_OF_ANONYMOUS if owner_id is None else _QUEUED_OF_OWNER,
@@ -440,10 +433,11 @@ def metric_view(row: Any) -> dict[str, Any]:
     return view
 
 
-def job_view(job: Any, *, owner: str | None) -> dict[str, Any]:
+def job_view(job: Any) -> dict[str, Any]:
     """A job as the API serves it (`api.schemas.JobRead`), from a `Job` or a Core row of its
-    columns: the columns marked `READ` as they are, plus progress (with an ETA from the mean
-    epoch time) and result. Datetimes stay datetimes; the caller serialises."""
+    columns and `owner_name`: the columns marked `READ` as they are, plus progress (with an ETA
+    from the mean epoch time), result and owner. Datetimes stay datetimes; the caller
+    serialises."""
     view = {column.name: getattr(job, column.name) for column in READ_COLUMNS}
     epochs = job.epochs or 0
     eta = None
@@ -463,7 +457,7 @@ def job_view(job: Any, *, owner: str | None) -> dict[str, Any]:
         "best_accuracy": job.best_accuracy,
         "best_epoch": job.best_epoch,
     }
-    view["owner"] = owner
+    view["owner"] = job.owner_name
     return view
 
 

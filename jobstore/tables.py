@@ -148,6 +148,11 @@ class Job(Base):
 
     owner: Mapped[ApiToken | None] = relationship(lazy="joined")
 
+    @property
+    def owner_name(self) -> str | None:
+        """The owner's token name (what the fast reads select as the column `owner_name`)."""
+        return self.owner.name if self.owner is not None else None
+
 
 class EpochMetric(Base):
     """One row per finished epoch; (job_id, epoch) is unique so a resumed run upserts.

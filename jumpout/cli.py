@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from jumpout.spec import ABLATIONS, FIELDS, ConfigError, TrainConfig, resolve_config
+from jumpout.spec import ABLATIONS, FIELDS, REQUIRED, ConfigError, TrainConfig, resolve_config
 
 __all__ = ["main", "build_parser"]
 
@@ -83,9 +83,7 @@ _PAPER_TABLE1: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
 }
 
 
-# Options of ``train`` and ``ablation`` that are not fields of the spec, and the command line's
-# own defaults for fields (the spec leaves data_dir to whoever runs the training).
-_NOT_CONFIG = {"command", "download", "resume", "func"}
+# The command line's own defaults for fields (the spec leaves data_dir to whoever trains).
 _CLI_DEFAULTS = {"data_dir": "data"}
 
 
@@ -106,7 +104,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, method: bool = True) ->
         help_text = f"{spec.help}: {spec.accepted()}"
         if spec.recipe:
             help_text += " (default: the recipe's)"
-        if name in ("dataset", "architecture"):
+        if name in REQUIRED:
             group = groups["required"]
         elif name in ("method", "ablation", "dropout_rate", "sigma", "p_min", "p_max"):
             group = groups["regularisation"]
@@ -124,7 +122,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, method: bool = True) ->
         group.add_argument(
             *flags,
             dest=name,
-            required=name in ("dataset", "architecture"),
+            required=name in REQUIRED,
             default=_CLI_DEFAULTS.get(name),
             metavar=metavar,
             help=help_text.replace("%", "%%"),
@@ -136,7 +134,7 @@ def _config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
     """The spec's fields from the command line, each string parsed by its `FieldSpec`."""
     values = {}
     for key, value in vars(args).items():
-        if key in _NOT_CONFIG or value is None or key not in FIELDS:
+        if value is None or key not in FIELDS:  # not a spec field: --download, --resume
             continue
         values[key] = FIELDS[key].parse(value) if isinstance(value, str) else value
     values.update(extra)

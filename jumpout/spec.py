@@ -56,9 +56,11 @@ __all__ = [
     "Device",
     "FieldSpec",
     "Method",
+    "REQUIRED",
     "Schedule",
     "TrainConfig",
     "canonical_ablation",
+    "default",
     "recipe_defaults",
     "resolve_config",
 ]
@@ -425,6 +427,21 @@ def _collect_fields() -> dict[str, FieldSpec]:
 FIELDS: dict[str, FieldSpec] = _collect_fields()
 """Every field of the spec, by name, in declaration order."""
 
+REQUIRED: tuple[str, ...] = tuple(
+    item.name
+    for item in dataclasses.fields(TrainConfig)
+    if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+)
+"""The fields without a default: the (dataset, architecture) pair that picks the recipe."""
+
+
+def default(name: str) -> Any:
+    """The declared default of field `name` (before any recipe), a fresh copy."""
+    item = next(item for item in dataclasses.fields(TrainConfig) if item.name == name)
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
+
 
 # --------------------------------------------------------------------------------------------
 # Recipes: the defaults of the fields marked ``recipe``, per architecture family.
@@ -532,16 +549,12 @@ def resolve_config(dataset: str, architecture: str, **overrides: Any) -> TrainCo
         "dataset": FIELDS["dataset"].check(dataset),
         "architecture": FIELDS["architecture"].check(architecture),
     }
-    for item in dataclasses.fields(TrainConfig):
-        if item.name not in values:
-            values[item.name] = (
-                item.default_factory()
-                if item.default_factory is not dataclasses.MISSING
-                else item.default
-            )
+    for name in FIELDS:
+        if name not in values:
+            values[name] = default(name)
     values.update(recipe_defaults(values["dataset"], values["architecture"]))
     for key, value in overrides.items():
-        if key in ("dataset", "architecture") or (value is None and not FIELDS[key].nullable):
+        if key in REQUIRED or (value is None and not FIELDS[key].nullable):
             continue
         values[key] = value
     for name, spec in FIELDS.items():

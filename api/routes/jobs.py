@@ -22,9 +22,7 @@ from api.schemas import (
     MetricsPage,
     error_responses,
 )
-from jobstore import jobs, queue
-from jobstore.db import session_scope
-from jobstore.settings import get_settings
+from jobstore import db, jobs, queue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -56,7 +54,7 @@ def _read(credentials, body_of, *args, **kwargs) -> Response:
 async def submit_job(body: JobCreate, credentials: BearerDep):
     token = credentials.credentials if credentials is not None else None
     spec = body.model_dump(exclude_unset=True)
-    if get_settings().database_url.startswith("sqlite"):
+    if db.is_sqlite():
         # A local write of about a millisecond behind the fair write lock (jobstore.db): done
         # on the event loop, as the reads are. A thread hop per request cost more CPU than the
         # write itself, and concurrent submissions queued for the GIL.
@@ -78,7 +76,7 @@ async def submit_job(body: JobCreate, credentials: BearerDep):
 def _store(spec: dict, token: str | None) -> tuple[str, bytes]:
     # The token is checked on a read connection: a lookup takes no write lock.
     principal = queries.caller(token)
-    with session_scope() as session:
+    with db.session_scope() as session:
         job = jobs.create_job(session, spec=spec, owner_id=principal.id)
     return job.id, queries.job_body(job)
 
