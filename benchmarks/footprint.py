@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,15 +32,10 @@ import time
 from pathlib import Path
 
 import httpx
+from _local import checkout_environment, free_port
 from _machine import host_name
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _status_kb(pid: int, key: str, name: str = "status") -> int:
@@ -71,12 +65,6 @@ def tree(root: int) -> list[int]:
     return found
 
 
-def environment(checkout: Path, home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPOUT_")}
-    env.update(PYTHONPATH=str(checkout), JUMPOUT_HOME=str(home), PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def wait_until(check, timeout: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -101,7 +89,7 @@ def stop(process: subprocess.Popen) -> None:
 def api_startup(checkout: Path) -> tuple[float, float]:
     """(seconds to the first answer, MB resident after warm-up) of one uvicorn process."""
     with tempfile.TemporaryDirectory() as home:
-        env = environment(
+        env = checkout_environment(
             checkout, Path(home), JUMPOUT_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"
         )
         subprocess.run([sys.executable, "-m", "api", "migrate"], cwd=checkout, env=env, check=True)
@@ -134,7 +122,7 @@ def stack_idle(checkout: Path) -> tuple[int, float, float]:
     module = "launcher" if (checkout / "launcher").is_dir() else "worker"
     with tempfile.TemporaryDirectory() as home:
         port = free_port()
-        env = environment(
+        env = checkout_environment(
             checkout, Path(home), JUMPOUT_PORT=str(port), JUMPOUT_REDIS_PORT=str(free_port())
         )
         process = subprocess.Popen(

@@ -33,16 +33,12 @@ from pathlib import Path
 
 import httpx
 import redis
+from _local import checkout_environment, free_port, percentile
 from _machine import host_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SPEC = {"dataset": "digits", "architecture": "mlp", "epochs": 1}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 async def _client(host: str, port: int, requests: int, out: list, headers: str) -> None:
@@ -108,22 +104,13 @@ def lost(created: list[str], database: Path, broker_url: str) -> int:
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(checkout: Path, *, clients: int, total: int, processes: int) -> dict:
     with tempfile.TemporaryDirectory() as home:
         redis_port, port = free_port(), free_port()
         broker = f"redis://127.0.0.1:{redis_port}/0"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPOUT_")}
-        env.update(
-            PYTHONPATH=str(checkout),
-            JUMPOUT_HOME=home,
+        env = checkout_environment(
+            checkout,
+            Path(home),
             JUMPOUT_BROKER_URL=broker,
             JUMPOUT_MAX_QUEUED_PER_TOKEN=str(10 * total),
         )
