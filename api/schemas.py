@@ -24,7 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model,
 
 from jobstore.jobs import job_view
 from jobstore.tables import LAYER_FIELDS, METRIC_FIELDS, READ_COLUMNS, Job, JobStatus
-from jumpout.spec import FIELDS, MAX_MILESTONES, REQUIRED, ConfigError, FieldSpec, Method, default
+from jumpout.spec import (
+    FIELDS,
+    MAX_MILESTONES,
+    REQUIRED,
+    SOURCE_MAX_LENGTH,
+    ConfigError,
+    FieldSpec,
+    Method,
+    default,
+)
 
 CLIENT_FIELDS = tuple(name for name, spec in FIELDS.items() if not spec.operator)
 """The spec fields an API client may set, in the spec's order."""
@@ -44,6 +53,9 @@ def _request_field(spec: FieldSpec) -> tuple[Any, Any]:
     elif spec.kind == "epochs":
         annotation = list[int]
         constraints["max_length"] = MAX_MILESTONES
+    elif spec.kind == "source":
+        annotation = str
+        constraints["max_length"] = SOURCE_MAX_LENGTH
     else:  # pragma: no cover - paths are operator fields
         annotation = str
     description = f"{spec.help}: {spec.accepted()}"
@@ -99,9 +111,14 @@ class Progress(BaseModel):
 
 
 class JobResult(BaseModel):
+    """The headline is the final test accuracy (as in the paper's tables). The best epoch is
+    chosen on the validation split and is null without one; its test accuracy is given beside it,
+    never a maximum over test accuracies."""
+
     final_accuracy: float | None
-    best_accuracy: float | None
+    best_val_accuracy: float | None
     best_epoch: int | None
+    test_accuracy_at_best: float | None
 
 
 # The Python types the Job model declares (`Mapped[datetime]` -> datetime), with the two strings

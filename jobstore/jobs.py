@@ -121,6 +121,7 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
         "device": config.device,
         "cancel_requested": False,
         "created_at": utcnow(),
+        "priority": 0,
     }
     # A Core INSERT: the ORM's unit of work cost 2 ms of the submit route's CPU for one row.
     connection.execute(_INSERT_JOB, values)
@@ -454,8 +455,9 @@ def job_view(job: Any) -> dict[str, Any]:
     }
     view["result"] = {
         "final_accuracy": job.final_accuracy,
-        "best_accuracy": job.best_accuracy,
+        "best_val_accuracy": job.best_val_accuracy,
         "best_epoch": job.best_epoch,
+        "test_accuracy_at_best": job.test_accuracy_at_best,
     }
     view["owner"] = job.owner_name
     return view
@@ -463,7 +465,8 @@ def job_view(job: Any) -> dict[str, Any]:
 
 def record_epoch(session: Session, job_id: str, metrics: dict[str, Any]) -> None:
     """Store one finished epoch's metrics (upsert on (job, epoch): a resumed run that repeats an
-    epoch replaces it) and refresh the job's progress and best/final accuracy."""
+    epoch replaces it) and refresh the job's progress, final test accuracy and, when the run
+    holds out a validation split, the epoch chosen on it (never on the test set)."""
     values = {"job_id": job_id, **metric_row(metrics), "created_at": utcnow()}
     _upsert(
         session,
@@ -473,9 +476,9 @@ def record_epoch(session: Session, job_id: str, metrics: dict[str, Any]) -> None
         [*METRIC_FIELDS, "layers", "created_at"],
     )
     best = session.execute(
-        select(EpochMetric.epoch, EpochMetric.test_accuracy)
-        .where(EpochMetric.job_id == job_id, EpochMetric.test_accuracy.is_not(None))
-        .order_by(EpochMetric.test_accuracy.desc(), EpochMetric.epoch)
+        select(EpochMetric.epoch, EpochMetric.val_accuracy, EpochMetric.test_accuracy)
+        .where(EpochMetric.job_id == job_id, EpochMetric.val_accuracy.is_not(None))
+        .order_by(EpochMetric.val_accuracy.desc(), EpochMetric.epoch)
         .limit(1)
     ).one_or_none()
     last = session.execute(
@@ -493,8 +496,9 @@ def record_epoch(session: Session, job_id: str, metrics: dict[str, Any]) -> None
         .values(
             epoch=last.epoch,
             final_accuracy=last.test_accuracy,
-            best_accuracy=best.test_accuracy if best else None,
+            best_val_accuracy=best.val_accuracy if best else None,
             best_epoch=best.epoch if best else None,
+            test_accuracy_at_best=best.test_accuracy if best else None,
             epoch_seconds=float(mean_seconds) if mean_seconds is not None else None,
         )
     )

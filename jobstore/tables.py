@@ -109,6 +109,29 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class Experiment(Base):
+    """A set of jobs that answers one question: rows (labelled parameter overrides) x seeds.
+
+    `spec` is the request as normalised by `jumpout.experiment` (base, rows with their labels and
+    parameters, seeds, baseline, preset, metric); every job of the experiment is an ordinary job
+    that points back here (`Job.experiment_id`, `Job.row_label`).
+    """
+
+    __tablename__ = "experiments"
+    __table_args__ = (Index("ix_experiments_created_at_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    name: Mapped[str | None] = mapped_column(String(128))
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    baseline: Mapped[str | None] = mapped_column(String(128))
+    job_count: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    owner: Mapped[ApiToken | None] = relationship(lazy="joined")
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -118,6 +141,7 @@ class Job(Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_owner_id_status", "owner_id", "status"),
+        Index("ix_jobs_experiment_id", "experiment_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id, info=READ)
@@ -140,11 +164,25 @@ class Job(Base):
     epochs: Mapped[int] = mapped_column(Integer)
     # Mean wall time of the recorded epochs, for the ETA.
     epoch_seconds: Mapped[float | None] = mapped_column(Float)
-    best_accuracy: Mapped[float | None] = mapped_column(Float)
+    # Model selection is on the validation split, never on the test set: the epoch with the best
+    # validation accuracy (None without a validation split), and that epoch's test accuracy.
+    # The headline is final_accuracy (the last epoch's test accuracy), as in the paper's tables.
+    best_val_accuracy: Mapped[float | None] = mapped_column(Float)
     best_epoch: Mapped[int | None] = mapped_column(Integer)
+    test_accuracy_at_best: Mapped[float | None] = mapped_column(Float)
     final_accuracy: Mapped[float | None] = mapped_column(Float)
     device: Mapped[str | None] = mapped_column(String(64), info=READ)
     worker: Mapped[str | None] = mapped_column(String(255), info=READ)
+    # Fair share: queued jobs are claimed round-robin over owners, higher priority first within
+    # an owner (`jobstore.jobs.claim_next`).
+    priority: Mapped[int] = mapped_column(Integer, default=0, info=READ)
+    experiment_id: Mapped[str | None] = mapped_column(
+        ForeignKey("experiments.id", ondelete="SET NULL"), info=READ
+    )
+    row_label: Mapped[str | None] = mapped_column(String(128), info=READ)
+    # What reproducing the run needs, written by the trainer when it starts: library, Python,
+    # torch/torchvision/CUDA/cuDNN versions, git commit, device, host, what it started from.
+    environment: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, info=READ)
 
     owner: Mapped[ApiToken | None] = relationship(lazy="joined")
 
@@ -172,6 +210,8 @@ class EpochMetric(Base):
     train_accuracy: Mapped[float | None] = mapped_column(Float)
     test_loss: Mapped[float | None] = mapped_column(Float)
     test_accuracy: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    val_accuracy: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float | None] = mapped_column(Float)
     seconds: Mapped[float | None] = mapped_column(Float)
     images_per_second: Mapped[float | None] = mapped_column(Float)
@@ -200,8 +240,11 @@ METRIC_FIELDS: tuple[str, ...] = tuple(
 )
 """The per-epoch metrics, in column order (train_loss, train_accuracy, ...)."""
 
-LAYER_FIELDS = ("active_fraction", "rate")
-"""What is stored per dropout slot and epoch (besides its name): the paper's Figure 1."""
+LAYER_FIELDS = ("active_fraction", "rate", "capped_fraction", "mean_drift", "var_drift")
+"""What is stored per dropout slot and epoch (besides its name): the paper's Figure 1 (the mean
+active fraction and realised rate p' over the epoch's steps), how often p' sat at the layer's cap,
+and the paper's Figure 3 (the ratio of the slot output's mean, and of its variance, in training
+mode to evaluation mode on a fixed probe batch). A value the engine did not measure is None."""
 
 READ_COLUMNS = tuple(column for column in Job.__table__.columns if column.info.get("read"))
 """The job columns served as they are (marked `READ`)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -142,6 +143,13 @@ class ConfigError(ValueError):
 # Field declarations
 
 INT, FLOAT, BOOL, CHOICE, EPOCH_LIST, PATH = "int", "float", "bool", "choice", "epochs", "path"
+# A starting point for the weights: ``job:<id>`` or a file path relative to the data directory.
+SOURCE = "source"
+SOURCE_MAX_LENGTH = 512
+_JOB_SOURCE = re.compile(r"job:[0-9a-f]{32}")
+
+# How the Table-1 rows with modification II but not I pick their fixed base rate (docs/fidelity.md).
+II_BASE_RATES = ("matched", "mean_of_i", "dropout_rate")
 
 MAX_MILESTONES = 64
 
@@ -178,6 +186,11 @@ class FieldSpec:
             text = (
                 f"a strictly increasing list of at most {MAX_MILESTONES} epochs in "
                 f"[1, {FIELDS['epochs'].high:g}]"
+            )
+        elif self.kind == SOURCE:
+            text = (
+                "'job:<job id>' or a file path relative to the data directory "
+                f"(no '..', at most {SOURCE_MAX_LENGTH} characters)"
             )
         else:
             text = "a directory path"
@@ -238,6 +251,8 @@ class FieldSpec:
             return list(value)
         if not isinstance(value, str):
             raise self._refuse(value)
+        if self.kind == SOURCE and not _is_source(value):
+            raise self._refuse(value)
         return value
 
     def parse(self, text: str) -> Any:
@@ -262,6 +277,20 @@ class FieldSpec:
                 raise self._refuse(text)
             return lowered in ("true", "yes", "1")
         return self.check(text)
+
+
+def _is_source(value: str) -> bool:
+    """``job:<32 hex>``, or a relative path that stays inside the directory it is joined to."""
+    if value.startswith("job:"):
+        return _JOB_SOURCE.fullmatch(value) is not None
+    parts = value.replace("\\", "/").split("/")
+    return (
+        0 < len(value) <= SOURCE_MAX_LENGTH
+        and not value.startswith(("/", "~"))
+        and ".." not in parts
+        and all(part.strip() for part in parts)
+        and value.isprintable()
+    )
 
 
 def _field(default: Any = dataclasses.MISSING, **spec: Any) -> Any:
@@ -358,6 +387,35 @@ class TrainConfig:
         True, kind=BOOL, recipe=True, help="cnn_small only: with batch norm (Figure 2's variant)"
     )
     seed: int = _field(0, kind=INT, low=0, high=2**31 - 1, help="seed of every random stream")
+    val_fraction: float = _field(
+        0.0,
+        kind=FLOAT,
+        low=0.0,
+        high=0.5,
+        help="fraction of the training set held out for validation, on which the best epoch "
+        "is chosen (0: no validation split, no best epoch)",
+    )
+    ii_base_rate: str = _field(
+        "matched",
+        kind=CHOICE,
+        choices=II_BASE_RATES,
+        help="base rate of the Table-1 rows with II but not I: matched (dropout_rate x 0.5), "
+        "mean_of_i (the mean of modification I's rate) or dropout_rate (unchanged; sits at the "
+        "cap)",
+    )
+    svhn_extra: bool = _field(
+        False,
+        kind=BOOL,
+        recipe=True,
+        help="svhn only: train on train + extra (604,388 images, the paper's split)",
+    )
+    init_from: str | None = _field(
+        None,
+        kind=SOURCE,
+        nullable=True,
+        help="start from these weights: job:<id> (an earlier job's checkpoint) or a "
+        "torchvision state-dict file under the data directory",
+    )
     data_dir: str | None = _field(
         None, kind=PATH, nullable=True, operator=True, help="where the data sets are"
     )
@@ -524,6 +582,8 @@ def recipe_defaults(dataset: str, architecture: str) -> dict[str, Any]:
     # Only the small CNN has a with/without batch-norm switch (the paper's Figure 2); the v3
     # original has none, so that is its default. Other models ignore the field.
     recipe["batch_norm"] = not arch.startswith("cnn")
+    # The paper trains SVHN on train + extra (its Table 4: 604,388 images); other sets have none.
+    recipe["svhn_extra"] = dataset == "svhn"
     if dataset in QUICK_DATASETS:
         # The offline toy sets train in seconds; the paper's long schedules make no sense there.
         recipe.update(_QUICK)

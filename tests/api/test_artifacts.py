@@ -27,24 +27,33 @@ def epoch_metrics(epoch: int, accuracy: float, **extra) -> dict:
 def test_metrics_upsert_never_duplicates_an_epoch(client, session, make_job):
     job_id = make_job(epochs=3)
     jobs.claim_job(session, job_id, worker="w1")
-    jobs.record_epoch(session, job_id, epoch_metrics(1, 0.4))
-    jobs.record_epoch(session, job_id, epoch_metrics(2, 0.7))
+    jobs.record_epoch(session, job_id, epoch_metrics(1, 0.4, val_accuracy=0.3))
+    jobs.record_epoch(session, job_id, epoch_metrics(2, 0.7, val_accuracy=0.9))
     # A resumed run repeats epoch 2 with other numbers: it replaces the row.
-    jobs.record_epoch(session, job_id, epoch_metrics(2, 0.6, lr=0.01))
-    jobs.record_epoch(session, job_id, epoch_metrics(3, 0.5))
+    jobs.record_epoch(session, job_id, epoch_metrics(2, 0.6, lr=0.01, val_accuracy=0.35))
+    # The test set's best epoch (2) is not the validation split's (3): "best" follows validation.
+    jobs.record_epoch(session, job_id, epoch_metrics(3, 0.5, val_accuracy=0.4))
 
     items = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
     assert [item["epoch"] for item in items] == [1, 2, 3]
     assert items[1]["test_accuracy"] == 0.6 and items[1]["lr"] == 0.01
-    assert items[0]["layers"] == [{"name": "features.1", "active_fraction": 0.5, "rate": 0.2}]
+    assert items[0]["layers"] == [
+        {"name": "features.1", "active_fraction": 0.5, "rate": 0.2}
+        | {"capped_fraction": None, "mean_drift": None, "var_drift": None}
+    ]
     assert set(items[0]) == {
-        "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-        "lr", "seconds", "images_per_second", "layers",
+        "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss",
+        "val_accuracy", "lr", "seconds", "images_per_second", "layers",
     }  # fmt: skip
 
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["progress"]["epoch"] == 3 and job["progress"]["fraction"] == 1.0
-    assert job["result"] == {"final_accuracy": 0.5, "best_accuracy": 0.6, "best_epoch": 2}
+    assert job["result"] == {
+        "final_accuracy": 0.5,
+        "best_val_accuracy": 0.4,
+        "best_epoch": 3,
+        "test_accuracy_at_best": 0.5,
+    }
 
 
 def test_non_finite_metrics_are_stored_as_null(client, session, make_job):
