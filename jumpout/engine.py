@@ -7,20 +7,36 @@ pruned, progress) and polls a cooperative stop request every few steps.
 Design choices worth knowing:
 
 * Nothing in the inner loop waits for the device. Training loss, accuracy and each Jumpout layer's
-  active fraction and rate are summed into device tensors; the host reads them once per epoch and
+  active fraction, rate and whether the rate hit its cap are summed into device tensors; the host
+  reads them once per epoch and
   every `PROGRESS_EVERY` steps (to report progress and to check for a non-finite loss, whose first
   step is recorded on the device by a flag tensor).
 * Checkpoints (`checkpoint-epochEEEE.pt` after epoch E) hold model, optimiser, schedule, every RNG
   state (python, numpy, torch CPU and CUDA, the sampler's and the loader's generators), the
-  metrics history and the best accuracy. They are written atomically (temp file in the same
-  directory, fsync, ``os.replace``, directory fsync) and load with ``weights_only=True``.
+  metrics history, the final test accuracy and the validation-best epoch, the starting weights'
+  record (``init``) and the run's provenance (``environment``, `jumpout.provenance`). They are
+  written atomically (temp file in the same directory, fsync, ``os.replace``, directory fsync)
+  and load with ``weights_only=True``.
   A cooperative stop in the middle of epoch E+1 writes ``checkpoint-epochEEEE-stepSSSSSS.pt``
   (E epochs plus S steps done), from which a resume continues at the same step.
-* keep-last-N prunes older checkpoint files; with ``keep_best`` the file of the epoch with the best
-  test accuracy is kept as well (no copy is made: the best epoch's own file is exempt from pruning).
-* Resuming continues exactly: on the CPU an interrupted-then-resumed run ends with bit-identical
-  weights to an uninterrupted one (each epoch's sample order comes from the saved sampler
-  generator, and the RNG states are restored after the model is built).
+* The headline is the last epoch's test accuracy. Nothing is chosen on the test set: with
+  ``val_fraction > 0`` a seeded, stratified part of the training set is held out (never
+  augmented), evaluated after every epoch, and the epoch with the best validation accuracy is
+  the "best" one (``best_val_accuracy``, ``best_epoch``, ``test_accuracy_at_best``); without a
+  split there is no best epoch.
+* keep-last-N prunes older checkpoint files; with ``keep_best`` the validation-best epoch's file
+  is kept as well (no copy is made: that epoch's own file is exempt from pruning).
+* Resuming is exact or refused. On the CPU an interrupted-then-resumed run ends with
+  bit-identical weights to an uninterrupted one, with or without DataLoader worker processes:
+  each epoch's sample order comes from the saved sampler generator, the RNG states are restored
+  after the model is built, and a sample's random augmentation is a function of (seed, epoch,
+  sample index) (`_SeededAugmentation`; per step on the device path), not of a worker's random
+  stream, which no checkpoint holds. A checkpoint trained with a different value of any field
+  that changes the trajectory is refused (`ConfigError` naming the fields); only
+  `RESUME_NEUTRAL_FIELDS` may differ.
+* ``init_from`` starts from saved weights (a state dict or a checkpoint under ``data_dir``, or
+  an earlier job's checkpoint that the service resolves): every key and shape must match the
+  model (`resolve_init_from`, `_load_initial_weights`). A resume does not apply it again.
 * On CUDA: bf16 autocast, channels_last for image models, pinned memory and non-blocking copies,
   optional ``torch.compile``; datasets small enough (digits, synthetic, CIFAR-, SVHN-,
   Fashion-sized) are kept on the GPU as tensors and augmented there in batches, with the
@@ -35,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import math
 import os
 import random
@@ -51,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jumpout.provenance import environment
 from jumpout.spec import ConfigError, TrainConfig
 
 __all__ = [
@@ -58,6 +76,8 @@ __all__ = [
     "Callback",
     "FitResult",
     "NonFiniteLossError",
+    "RESUME_NEUTRAL_FIELDS",
+    "PROBE_SIZE",
     "PROGRESS_EVERY",
     "STOP_POLL_EVERY",
     "augment_on_device",
@@ -67,6 +87,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "resolve_device",
+    "resolve_init_from",
 ]
 
 PROGRESS_EVERY = 25
@@ -129,23 +150,33 @@ class FitResult:
     Attributes:
         config: the configuration trained.
         history: the per-epoch metrics dicts (including those before a resume).
-        best_accuracy: best test accuracy over the epochs (fraction), 0.0 if none finished.
-        best_epoch: the epoch that reached it, or None.
-        final_accuracy: the last finished epoch's test accuracy, or None.
+        final_accuracy: the last finished epoch's test accuracy (fraction): the headline; None
+            before the first epoch ends.
+        best_val_accuracy: the best validation accuracy over the epochs; None without a
+            validation split (``val_fraction`` 0).
+        best_epoch: the epoch that reached it (the first on a tie), or None.
+        test_accuracy_at_best: that epoch's test accuracy, or None. No figure is ever chosen on
+            the test set.
         epochs_completed: number of finished epochs.
         stopped: True if a callback's `should_stop` ended the run early.
         last_checkpoint: path of the last checkpoint written, or None.
+        init_source: where the starting weights came from (`resolve_init_from`'s record:
+            ``source``, ``kind``, ``path``, ``sha256``), None for a random start.
+        environment: what ran (`jumpout.provenance.environment`), also in every checkpoint.
         model: the trained model (on the training device).
     """
 
     config: TrainConfig
     history: list[dict] = field(default_factory=list)
-    best_accuracy: float = 0.0
-    best_epoch: int | None = None
     final_accuracy: float | None = None
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    test_accuracy_at_best: float | None = None
     epochs_completed: int = 0
     stopped: bool = False
     last_checkpoint: str | None = None
+    init_source: dict | None = None
+    environment: dict = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
 
 
@@ -396,6 +427,105 @@ def augment_on_device(
     return images.contiguous()
 
 
+# Random streams that are fixed functions of what they are for, not of who draws them or when:
+# the tags keep the streams of one seed apart.
+_MASK64 = (1 << 64) - 1
+_SPLIT_STREAM, _AUGMENT_STREAM, _DEVICE_AUGMENT_STREAM = 1, 2, 3
+
+
+def _stream_seed(*values: int) -> int:
+    """A 63-bit seed that is a fixed function of ``values`` (splitmix64 over each in turn)."""
+    state = 0
+    for value in values:
+        state = ((state ^ (value & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+class _SeededAugmentation(torch.utils.data.Dataset):
+    """The training set with each sample's random augmentation drawn from the global torch RNG
+    seeded by (seed, epoch, sample index).
+
+    torchvision's transforms draw from the global torch RNG. In a DataLoader worker that is the
+    worker's own stream, which depends on which worker got the batch and what it drew before,
+    and no checkpoint holds it; with ``num_workers=0`` it is the stream dropout draws from.
+    Seeded per sample, a sample's augmentation is the same whoever loads it, so a resume in the
+    middle of an epoch sees the images the uninterrupted run saw, with any number of workers.
+    The caller's RNG state is put back after each sample: the main process's stream (dropout's)
+    is untouched. (The transforms must draw from torch's RNG, as torchvision's do.)
+    """
+
+    def __init__(self, dataset: Any, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        outer = torch.get_rng_state()
+        torch.manual_seed(_stream_seed(self.seed, _AUGMENT_STREAM, self.epoch, index))
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(outer)
+
+
+def _dataset_labels(dataset: Any) -> torch.Tensor | None:
+    """Every sample's class, read from the dataset's metadata without loading an image; None
+    when the dataset does not say."""
+    from torch.utils.data import ConcatDataset, Subset, TensorDataset
+
+    if isinstance(dataset, Subset):
+        labels = _dataset_labels(dataset.dataset)
+        if labels is None:
+            return None
+        return labels[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, ConcatDataset):
+        parts = [_dataset_labels(part) for part in dataset.datasets]
+        return None if any(part is None for part in parts) else torch.cat(parts)
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return dataset.tensors[1].long().flatten()
+    for name in ("targets", "labels"):  # torchvision's CIFAR, MNIST, ImageFolder; SVHN, STL10
+        values = getattr(dataset, name, None)
+        if values is not None:
+            labels = torch.as_tensor(np.asarray(values), dtype=torch.long).flatten()
+            if len(labels) == len(dataset):
+                return labels
+    return None
+
+
+def _validation_split(
+    dataset: Any, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) of ``dataset``, both ascending: ``fraction`` of it
+    held out, stratified by class when the labels are known without loading images (each class
+    gives its own share, rounded), drawn by a generator seeded from ``seed`` alone, so every
+    run, resume and worker of one seed holds out the same samples."""
+    count = len(dataset)
+    labels = _dataset_labels(dataset)
+    generator = torch.Generator().manual_seed(_stream_seed(seed, _SPLIT_STREAM))
+    if labels is None:
+        groups = [torch.arange(count)]
+    else:
+        groups = [(labels == value).nonzero().flatten() for value in labels.unique()]
+    held = []
+    for group in groups:
+        shuffled = group[torch.randperm(len(group), generator=generator)]
+        held.append(shuffled[: math.floor(fraction * len(group) + 0.5)])
+    validation = torch.cat(held).sort().values
+    if len(validation) == 0 or len(validation) == count:
+        raise ConfigError(
+            "val_fraction",
+            f"{fraction:g} holds out {len(validation)} of the {count} training samples; "
+            "accepted: a fraction that leaves samples on both sides, or 0 for no validation split",
+        )
+    keep = torch.ones(count, dtype=torch.bool)
+    keep[validation] = False
+    return keep.nonzero().flatten(), validation
+
+
 def _stack_dataset(dataset: Any, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1024, num_workers=num_workers, generator=torch.Generator()
@@ -420,6 +550,14 @@ class _Data:
     padding: int = 0
     flip: bool = False
     fill: torch.Tensor | None = None
+    # The training set's transforms draw random numbers (loader path): `_SeededAugmentation`.
+    random_augmentation: bool = False
+    # With ``val_fraction``: (training, validation) indices into the loaded training set, and the
+    # held-out part (the test pipeline; ``val_x``/``val_y`` on the device path).
+    split: tuple[torch.Tensor, torch.Tensor] | None = None
+    val_set: Any = None
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     @property
     def train_len(self) -> int:
@@ -432,7 +570,9 @@ def _keep_data_on_device(device: torch.device) -> bool:
 
 
 def _load_data(config: TrainConfig, device: torch.device) -> _Data:
-    from jumpout.data import dataset_info, load_dataset
+    from torch.utils.data import Subset
+
+    from jumpout.data import dataset_info, load_dataset, without_augmentation
 
     policy = dataset_info(config.dataset).augmentation
     resident = _keep_data_on_device(device) and policy.batchable
@@ -444,8 +584,12 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
         augment=config.augment and not resident,
         train_size=config.train_size,
         test_size=config.test_size,
+        # SVHN's extra split (the paper's train + extra); the spec refuses it elsewhere.
+        **({"extra": config.svhn_extra} if config.dataset == "svhn" else {}),
     )
     data = _Data(train_set, test_set, info)
+    if config.val_fraction > 0:
+        data.split = _validation_split(train_set, config.val_fraction, config.seed)
     if resident:
         sample = train_set[0][0]
         size = (len(train_set) + len(test_set)) * sample.numel() * 4
@@ -453,6 +597,11 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
             data.resident = True
             train_x, train_y = _stack_dataset(train_set, config.num_workers)
             test_x, test_y = _stack_dataset(test_set, config.num_workers)
+            if data.split is not None:
+                train_index, val_index = data.split
+                data.val_x, data.val_y = train_x[val_index], train_y[val_index]
+                data.val_x, data.val_y = data.val_x.to(device), data.val_y.to(device)
+                train_x, train_y = train_x[train_index], train_y[train_index]
             data.train_x, data.train_y = train_x.to(device), train_y.to(device)
             data.test_x, data.test_y = test_x.to(device), test_y.to(device)
             if config.augment:
@@ -460,6 +609,14 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
             mean = torch.as_tensor(info.mean, dtype=torch.float32).flatten()
             std = torch.as_tensor(info.std, dtype=torch.float32).flatten()
             data.fill = (-mean / std).expand(train_x.shape[1]).to(device)
+    if not data.resident:
+        random_steps = policy.crop_padding or policy.flip or policy.resized_crop
+        data.random_augmentation = bool(config.augment and random_steps)
+        if data.split is not None:
+            train_index, val_index = data.split
+            # The held-out images are seen as the test images are: without augmentation.
+            data.val_set = Subset(without_augmentation(train_set, info), val_index.tolist())
+            data.train_set = Subset(train_set, train_index.tolist())
     return data
 
 
@@ -470,20 +627,33 @@ def _train_batches(
     order: torch.Tensor,
     loader_generator: torch.Generator,
     drop_last: bool,
+    epoch: int,
+    first_step: int = 0,
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Epoch ``epoch``'s training batches in ``order`` (which starts at step ``first_step``
+    after a mid-epoch resume), augmented as a fixed function of (seed, epoch, sample or step)."""
     batch = config.batch_size
     if data.resident:
         order = order.to(device, non_blocking=True)
         stop = (len(order) // batch) * batch if drop_last else len(order)
-        for start in range(0, stop, batch):
+        augment = data.padding or data.flip
+        generator = torch.Generator(device=device) if augment else None
+        for step, start in enumerate(range(0, stop, batch), start=first_step):
             index = order[start : start + batch]
             x = data.train_x[index]
-            if data.padding or data.flip:
-                x = augment_on_device(x, data.padding, data.flip, data.fill)
+            if augment:
+                # Seeded per step, not drawn from the device's global stream (dropout's).
+                generator.manual_seed(
+                    _stream_seed(config.seed, _DEVICE_AUGMENT_STREAM, epoch, step)
+                )
+                x = augment_on_device(x, data.padding, data.flip, data.fill, generator)
             yield x, data.train_y[index]
         return
+    dataset = data.train_set
+    if data.random_augmentation:
+        dataset = _SeededAugmentation(dataset, config.seed, epoch)
     loader = torch.utils.data.DataLoader(
-        data.train_set,
+        dataset,
         batch_size=batch,
         sampler=order.tolist(),
         drop_last=drop_last,
@@ -496,15 +666,18 @@ def _train_batches(
 
 
 def _test_batches(
-    data: _Data, config: TrainConfig, device: torch.device
+    data: _Data, config: TrainConfig, device: torch.device, split: str = "test"
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of the test set, or with ``split="val"`` of the held-out validation set."""
     batch = min(1024, 2 * config.batch_size)
+    validation = split == "val"
     if data.resident:
-        for start in range(0, len(data.test_x), batch):
-            yield data.test_x[start : start + batch], data.test_y[start : start + batch]
+        xs, ys = (data.val_x, data.val_y) if validation else (data.test_x, data.test_y)
+        for start in range(0, len(xs), batch):
+            yield xs[start : start + batch], ys[start : start + batch]
         return
     loader = torch.utils.data.DataLoader(
-        data.test_set,
+        data.val_set if validation else data.test_set,
         batch_size=batch,
         num_workers=config.num_workers,
         # Its own generator: evaluation must not consume the global RNG the training uses.
@@ -545,6 +718,138 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-slot statistics: what each Jumpout layer records per step, and the Figure 3 probe
+
+# The attributes a Jumpout layer sets on every training forward (0-dim device tensors), in the
+# order of `_EpochProgress.layer_sums`' columns and of the epoch's ``layers`` fields.
+_LAYER_STATS = ("last_active_fraction", "last_rate", "last_capped_fraction")
+
+PROBE_SIZE = 256
+"""Training images in the fixed batch on which each epoch measures the dropout slots' drift
+(the paper's Figure 3, `_measure_drift`); 0 turns the measurement off."""
+_PROBE_SEED = 0  # one probe batch for every run, row and seed of a data set: comparable drifts
+
+
+def _probe_images(run: _Run) -> torch.Tensor:
+    """The probe batch: `PROBE_SIZE` training images drawn with a fixed generator, without
+    augmentation (on the device path the stored tensors are the plain images; on the loader path
+    a view of the training set with the test pipeline). Deterministic, so a resumed run probes the
+    same images."""
+    data = run.data
+    count = min(PROBE_SIZE, data.train_len)
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    index = torch.randperm(data.train_len, generator=generator)[:count].sort().values
+    if data.resident:
+        return data.train_x[index.to(data.train_x.device)]
+    from jumpout.data import without_augmentation
+
+    plain = without_augmentation(data.train_set, data.info)
+    return torch.stack([torch.as_tensor(plain[i][0]) for i in index.tolist()])
+
+
+def _slot_moments(run: _Run, slots: list[nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """Per slot, the statistics of its output over the probe: (slots, 2) rows of (sum over
+    channels of the channel means, sum over channels of the channel variances), float64 on the
+    device. The channel is dimension 1 (a conv's channel or a dense layer's unit), each channel's
+    statistics taken over the other dimensions: what a BN after the slot's next layer
+    normalises."""
+    sums: list[list[torch.Tensor] | None] = [None] * len(slots)
+
+    def recorder(position: int):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            values = output.detach().double()
+            dims = [d for d in range(values.dim()) if d != 1] if values.dim() > 1 else [0]
+            moments = [values.sum(dims), values.square().sum(dims)]
+            count = values.numel() // moments[0].numel()
+            moments.append(torch.full_like(moments[0], count))
+            if sums[position] is None:
+                sums[position] = moments
+            else:
+                sums[position] = [a + b for a, b in zip(sums[position], moments, strict=True)]
+
+        return hook
+
+    handles = [slot.register_forward_hook(recorder(i)) for i, slot in enumerate(slots)]
+    try:
+        chunk = max(1, min(run.config.batch_size, len(images)))
+        for start in range(0, len(images), chunk):
+            x = images[start : start + chunk].to(run.device, non_blocking=True)
+            if run.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with run.autocast:
+                run.model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for moments in sums:
+        if moments is None:  # a slot the forward never reached
+            rows.append(torch.full((2,), math.nan, dtype=torch.float64, device=run.device))
+            continue
+        total, square, count = moments
+        mean = total / count
+        variance = (square / count - mean.square()).clamp_(min=0)
+        rows.append(torch.stack([mean.sum(), variance.sum()]))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def _measure_drift(run: _Run) -> list[tuple[float | None, float | None]] | None:
+    """The paper's Figure 3, measured: per Jumpout slot, the mean and the variance of its output
+    on the fixed probe batch with the slots in training mode, divided by the same in evaluation
+    mode (mean over channels of the per-channel statistics, so a following BN's view).
+
+    Everything but the slots stays in evaluation mode (batch norm uses and keeps its running
+    statistics); the slots run in training mode all at once, so a slot's input carries the drift
+    of the slots before it, as in training. No gradients; the global RNG states (CPU and the
+    device's) and the slots' last statistics are restored, so training and resumes are unchanged.
+    Returns None when there is nothing to measure.
+    """
+    if PROBE_SIZE <= 0 or not run.layers or run.data.train_len == 0:
+        return None
+    slots = [module for _, module in run.layers]
+    saved_stats = [[getattr(slot, name) for name in _LAYER_STATS] for slot in slots]
+    cpu_rng = torch.get_rng_state()
+    device_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
+    was_training = run.model.training
+    try:
+        if run.probe is None:
+            run.probe = _probe_images(run)
+        run.model.eval()
+        evaluation = _slot_moments(run, slots, run.probe)
+        for slot in slots:
+            slot.train()
+        training = _slot_moments(run, slots, run.probe)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if device_rng is not None:
+            torch.cuda.set_rng_state(device_rng, run.device)
+        for slot, values in zip(slots, saved_stats, strict=True):
+            for name, value in zip(_LAYER_STATS, values, strict=True):
+                setattr(slot, name, value)
+        run.model.train(was_training)
+    drifts = []
+    for train_row, eval_row in zip(training.tolist(), evaluation.tolist(), strict=True):
+        # Undefined where the slot's output is (nearly) all zero in evaluation mode.
+        drifts.append(
+            tuple(
+                mine / theirs if math.isfinite(mine) and abs(theirs) > 1e-12 else None
+                for mine, theirs in zip(train_row, eval_row, strict=True)
+            )
+        )
+    return drifts
+
+
+def _add_drift(metrics: dict, run: _Run) -> None:
+    """Fill each ``layers`` entry's ``mean_drift`` and ``var_drift`` (`_measure_drift`)."""
+    drifts = _measure_drift(run)
+    if drifts is None:
+        return
+    for layer, (mean_drift, var_drift) in zip(metrics["layers"], drifts, strict=True):
+        layer["mean_drift"], layer["var_drift"] = mean_drift, var_drift
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,6 +921,159 @@ class _Checkpointer:
 
 
 # --------------------------------------------------------------------------------------------
+# Starting weights (init_from) and what a resume may change
+
+RESUME_NEUTRAL_FIELDS = (
+    "data_dir",
+    "out_dir",
+    "device",
+    "num_workers",
+    "keep_last",
+    "keep_best",
+    "compile",
+)
+"""The fields a resume may change: where the data and checkpoints are, what trains and with how
+many loader processes (the result does not depend on it), what is kept, whether the model is
+compiled. Every other field changes the trajectory or what the run reports (``epochs`` reshapes
+a cosine schedule, ``test_size`` the test figures), so a checkpoint trained with another value
+is refused. Bit-identical continuation is promised on the same device type only."""
+
+
+def _check_resumable(recorded: dict, config: TrainConfig, checkpoint: str | os.PathLike) -> None:
+    """Refuse a resume whose config differs from the checkpoint's outside
+    `RESUME_NEUTRAL_FIELDS`; the error names every such field. A field the checkpoint does not
+    record (written before the field existed) is not compared."""
+    current = config.to_dict()
+    differing = [
+        name
+        for name, value in current.items()
+        if name not in RESUME_NEUTRAL_FIELDS and name in recorded and recorded[name] != value
+    ]
+    if differing:
+        shown = ", ".join(
+            f"{name}={recorded[name]!r} (asked: {current[name]!r})" for name in differing
+        )
+        raise ConfigError(
+            differing[0],
+            f"cannot resume from {Path(checkpoint).name}: it was trained with {shown}; these "
+            "change the training, so a resume keeps the checkpoint's values (only "
+            f"{', '.join(RESUME_NEUTRAL_FIELDS)} may differ); start afresh in another out_dir "
+            "to change them",
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_init_from(
+    config: TrainConfig, *, job_checkpoint: str | os.PathLike | None = None
+) -> dict | None:
+    """Where ``config.init_from``'s weights are, as the record a run keeps: ``{"source"`` (the
+    field's value), ``"kind"`` (``"file"`` or ``"job"``), ``"path"`` (resolved), ``"sha256"}``;
+    None without ``init_from``.
+
+    A path is resolved against ``config.data_dir`` and must stay inside it once symlinks are
+    resolved. ``job:<id>`` names a job of the training service, which resolves it to that job's
+    newest valid checkpoint and passes the file as ``job_checkpoint``; the library alone cannot.
+
+    Raises:
+        ConfigError: (field ``init_from``) the file is missing, outside the data directory, or a
+            job source came without its checkpoint.
+    """
+    source = config.init_from
+    if source is None:
+        return None
+    if source.startswith("job:"):
+        if job_checkpoint is None:
+            raise ConfigError(
+                "init_from",
+                f"{source!r} names a job of the training service, which resolves it to that "
+                "job's checkpoint; outside the service give a file path relative to data_dir",
+            )
+        kind, path = "job", Path(job_checkpoint).resolve()
+    else:
+        if not config.data_dir:
+            raise ConfigError(
+                "init_from", f"{source!r} is a path relative to data_dir, and data_dir is not set"
+            )
+        root = Path(config.data_dir).resolve()
+        kind, path = "file", (root / source).resolve()
+        if not path.is_relative_to(root):
+            raise ConfigError(
+                "init_from",
+                f"{source!r} leads outside the data directory (through a symbolic link); "
+                "accepted: a weights file inside data_dir",
+            )
+    if not path.is_file():
+        where = "the data directory" if kind == "file" else "the job's checkpoints"
+        raise ConfigError("init_from", f"{source!r}: no such weights file in {where}")
+    return {"source": source, "kind": kind, "path": str(path), "sha256": _file_sha256(path)}
+
+
+def _first_names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _load_initial_weights(model: nn.Module, source: dict) -> None:
+    """Copy the weights `resolve_init_from`'s record ``source`` names into ``model``, after
+    checking that the file is still the one hashed, that it loads with ``weights_only=True``
+    (a state dict, or a checkpoint dict whose ``"model"`` is one) and that its keys and shapes
+    are exactly the model's: a different classifier head, a prefix such as ``module.`` or any
+    other difference is refused with the keys named, never silently half-loaded."""
+    name = source["source"]
+    raw = Path(source["path"]).read_bytes()
+    if hashlib.sha256(raw).hexdigest() != source["sha256"]:
+        raise ConfigError("init_from", f"{name!r} changed after it was resolved (sha256 differs)")
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise ConfigError(
+            "init_from",
+            f"{name!r} is not a weights file torch.load(weights_only=True) reads "
+            f"({type(error).__name__}); accepted: a state dict, or a checkpoint with a 'model' "
+            "state dict",
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise ConfigError(
+            "init_from",
+            f"{name!r} holds no state dict (names to tensors); accepted: a state dict, or a "
+            "checkpoint with a 'model' state dict",
+        )
+    own = model.state_dict()
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} (model: {tuple(value.shape)})"
+        for key, value in own.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    problems = []
+    if mismatched:
+        problems.append("shapes differ: " + _first_names(mismatched))
+    if missing:
+        problems.append("missing: " + _first_names(missing))
+    if unexpected:
+        problems.append("not in the model: " + _first_names(unexpected))
+    if problems:
+        raise ConfigError(
+            "init_from",
+            f"the weights in {name!r} do not fit this model ({'; '.join(problems)}); every key "
+            "and shape must match",
+        )
+    model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -624,24 +1082,42 @@ def fit(
     callbacks: Callback | Sequence[Any] = (),
     *,
     resume_from: str | os.PathLike | None = None,
+    init_source: dict | None = None,
+    checkpoint_every_s: float = 0.0,
 ) -> FitResult:
     """Train and evaluate the model ``config`` describes.
 
     Args:
         config: a resolved `TrainConfig` (see `jumpout.spec.resolve_config`).
         callbacks: a `Callback` or a sequence of objects with any of its methods.
-        resume_from: a checkpoint written by an earlier `fit` of the same dataset, architecture
-            and method; training continues from it exactly.
+        resume_from: a checkpoint written by an earlier `fit` of the same configuration (up to
+            `RESUME_NEUTRAL_FIELDS`); training continues from it exactly, and ``init_from`` is
+            not applied again (the checkpoint's weights win).
+        init_source: ``config.init_from`` already resolved by `resolve_init_from` (the service
+            resolves ``job:<id>`` sources so); by default `fit` resolves it.
+        checkpoint_every_s: 0 (the default) checkpoints every epoch; otherwise an epoch is
+            checkpointed only when this many seconds have passed since the last checkpoint (or
+            the start), besides the last epoch and a stop, which always are. For sub-second
+            epochs, where writing a checkpoint per epoch costs as much as the epoch; a crash then
+            repeats at most this many seconds of epochs. ``keep_best`` keeps the best of the
+            epochs checkpointed.
 
     Each epoch's metrics dict has the keys ``epoch, train_loss, train_accuracy, test_loss,
-    test_accuracy, lr, seconds, images_per_second, layers``: accuracies are fractions, ``lr`` is
-    the learning rate of the epoch's last step, ``seconds`` its wall time (training and
-    evaluation), ``images_per_second`` the training throughput, ``layers`` one
-    ``{"name", "active_fraction", "rate"}`` per Jumpout layer (means over the epoch's steps).
+    test_accuracy, val_loss, val_accuracy, lr, seconds, images_per_second, layers``: accuracies
+    are fractions (``val_*`` on the held-out ``val_fraction`` of the training set, None without
+    one), ``lr`` is the learning rate of the epoch's last step, ``seconds`` its wall time
+    (training, the test and validation passes and the drift probe; not checkpointing),
+    ``images_per_second`` the training throughput, ``layers`` one
+    ``{"name", "active_fraction", "rate", "capped_fraction", "mean_drift", "var_drift"}`` per
+    Jumpout layer: the first three means over the epoch's steps (``capped_fraction``: the fraction
+    of training calls, or of samples with ``per_sample``, whose rate reached ``max_rate``), the
+    drifts measured after the epoch on a fixed probe batch (`_measure_drift`; None when
+    undefined or with `PROBE_SIZE` 0).
 
     Raises:
         NonFiniteLossError: the training loss became NaN or infinite.
-        ConfigError: the device asked for is not available, or the checkpoint does not match.
+        ConfigError: the device asked for is not available, the checkpoint was trained with
+            another configuration, or the ``init_from`` weights are missing or do not fit.
         jumpout.data.DatasetNotFoundError: the dataset files are missing.
     """
     if not isinstance(config, TrainConfig):
@@ -653,12 +1129,26 @@ def fit(
         checkpointer = _Checkpointer(
             Path(config.out_dir), config.keep_last, config.keep_best, hooks
         )
+    if resume_from is None and config.init_from is not None:
+        # Before the data loads: a missing or misplaced file fails at once.
+        if init_source is None:
+            init_source = resolve_init_from(config)
+        elif init_source.get("source") != config.init_from:
+            raise ValueError(
+                f"init_source describes {init_source.get('source')!r}, not config.init_from "
+                f"{config.init_from!r}"
+            )
     run = _start_run(config, device)
     result = FitResult(config=config, model=run.model)
     epochs_done, steps_done, partial = 0, 0, None
     if resume_from is not None:
         epochs_done, steps_done, partial = _restore(run, result, resume_from)
+    elif config.init_from is not None:
+        _load_initial_weights(run.model, init_source)
+        result.init_source = init_source
+    result.environment = environment(config, device=device, init_source=result.init_source)
 
+    last_saved = time.monotonic()
     for epoch in range(epochs_done + 1, config.epochs + 1):
         progress = _train_epoch(run, hooks, epoch, steps_done, partial)
         steps_done, partial = 0, None  # only the first epoch after a resume starts part-way
@@ -671,12 +1161,27 @@ def fit(
 
         test_loss, test_accuracy = _evaluate(run.step_model, run.data, config, device, run.autocast)
         metrics = progress.metrics(test_loss, test_accuracy, run.layers)
+        metrics["val_loss"] = metrics["val_accuracy"] = None
+        if run.data.split is not None:
+            metrics["val_loss"], metrics["val_accuracy"] = _evaluate(
+                run.step_model, run.data, config, device, run.autocast, split="val"
+            )
+        _add_drift(metrics, run)
+        # The epoch's wall time covers all of its measurements: training, the test and
+        # validation passes and the Figure-3 probe (what an epoch of this spec costs).
+        metrics["seconds"] = progress.elapsed()
         is_best = _record_epoch(result, metrics)
         hooks.call("on_epoch_end", metrics)
-        if checkpointer is not None:
+        stop = epoch < config.epochs and hooks.should_stop()
+        due = time.monotonic() - last_saved >= checkpoint_every_s or epoch == config.epochs
+        # A new validation-best epoch is always written when it is to be kept: otherwise the
+        # interval could skip the very checkpoint `keep_best` promises.
+        keep = is_best and checkpointer is not None and checkpointer.keep_best
+        if checkpointer is not None and (due or stop or keep):
             state = _checkpoint_state(run, result, epoch)
             result.last_checkpoint = checkpointer.save(state, is_best)
-        if epoch < config.epochs and hooks.should_stop():
+            last_saved = time.monotonic()
+        if stop:
             result.stopped = True
             return result
     return result
@@ -700,6 +1205,7 @@ class _Run:
     drop_last: bool
     channels_last: bool
     autocast: torch.autocast
+    probe: torch.Tensor | None = None  # the fixed images of `_measure_drift`, taken on first use
 
 
 def _start_run(config: TrainConfig, device: torch.device) -> _Run:
@@ -761,14 +1267,7 @@ def _restore(
     ``partial`` or None).
     """
     state = load_checkpoint(checkpoint, map_location="cpu")
-    recorded = state.get("config", {})
-    for key in ("dataset", "architecture", "method", "ablation", "batch_size"):
-        if recorded.get(key) != getattr(run.config, key):
-            raise ConfigError(
-                key,
-                f"checkpoint {checkpoint} was trained with {key}={recorded.get(key)!r}, "
-                f"not {getattr(run.config, key)!r}; resume with the same {key}",
-            )
+    _check_resumable(state.get("config", {}), run.config, checkpoint)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["scheduler"])
@@ -776,11 +1275,15 @@ def _restore(
     _restore_rng(state["rng"], run.sampler_generator, run.loader_generator)
     epochs_done = int(state["epoch"])
     result.history = list(state.get("metrics", []))
-    result.best_accuracy = float(state.get("best_accuracy", 0.0))
-    result.best_epoch = state.get("best_epoch")
     result.epochs_completed = epochs_done
     if result.history:
         result.final_accuracy = result.history[-1]["test_accuracy"]
+    if "best_val_accuracy" in state:
+        # An older checkpoint's best_epoch was chosen on the test set: it is not carried over.
+        result.best_val_accuracy = state["best_val_accuracy"]
+        result.best_epoch = state.get("best_epoch")
+        result.test_accuracy_at_best = state.get("test_accuracy_at_best")
+    result.init_source = state.get("init")
     return epochs_done, int(state.get("step", 0)), state.get("partial")
 
 
@@ -797,7 +1300,7 @@ class _EpochProgress:
     loader_state: torch.Tensor
     loss_sum: torch.Tensor
     correct: torch.Tensor
-    layer_sums: torch.Tensor  # (layers, 2): active fraction and rate, summed over steps
+    layer_sums: torch.Tensor  # (layers, 3): active fraction, rate, capped fraction; summed
     first_bad_step: torch.Tensor  # the first step with a non-finite loss; -1 while none
     step: int = 0
     seen: int = 0
@@ -816,7 +1319,7 @@ class _EpochProgress:
             loader_state=run.loader_generator.get_state(),
             loss_sum=torch.zeros((), device=device),
             correct=torch.zeros((), dtype=torch.long, device=device),
-            layer_sums=torch.zeros(len(run.layers), 2, device=device),
+            layer_sums=torch.zeros(len(run.layers), len(_LAYER_STATS), device=device),
             first_bad_step=torch.full((), -1, dtype=torch.long, device=device),
         )
 
@@ -826,7 +1329,9 @@ class _EpochProgress:
         self.step = steps_done
         self.loss_sum += partial["loss_sum"].to(device)
         self.correct += partial["correct"].to(device)
-        self.layer_sums += partial["layer_sums"].to(device)
+        saved = partial["layer_sums"].to(device)
+        # A checkpoint from before capped_fraction holds two columns; the third starts at 0.
+        self.layer_sums[:, : saved.shape[1]] += saved
         self.seen = int(partial["seen"])
         self.train_seconds = float(partial["train_seconds"])
         self.seconds_before_resume = float(partial["seconds"])
@@ -839,7 +1344,7 @@ class _EpochProgress:
             "layer_sums": self.layer_sums.cpu(),
             "seen": self.seen,
             "train_seconds": self.train_seconds,
-            "seconds": time.perf_counter() - self.started + self.seconds_before_resume,
+            "seconds": self.elapsed(),
         }
 
     def add_step(
@@ -864,12 +1369,12 @@ class _EpochProgress:
             stats = [
                 value
                 for _, module in layers
-                for value in (module.last_active_fraction, module.last_rate)
+                for value in (getattr(module, name) for name in _LAYER_STATS)
                 if value is not None
             ]
-            if len(stats) == 2 * len(layers):
+            if len(stats) == len(_LAYER_STATS) * len(layers):
                 # The layers keep 0-d float32 batch means: one stack and one add per step.
-                self.layer_sums += torch.stack(stats).view(len(layers), 2)
+                self.layer_sums += torch.stack(stats).view(len(layers), len(_LAYER_STATS))
 
     def running_loss(self) -> float:
         """The epoch's mean training loss so far: one host read, which also raises
@@ -886,6 +1391,10 @@ class _EpochProgress:
         if bad >= 0:
             raise NonFiniteLossError(self.epoch, bad)
 
+    def elapsed(self) -> float:
+        """Wall time of this epoch so far, including the part before a resume."""
+        return time.perf_counter() - self.started + self.seconds_before_resume
+
     def metrics(
         self, test_loss: float, test_accuracy: float, layers: list[tuple[str, nn.Module]]
     ) -> dict:
@@ -898,11 +1407,18 @@ class _EpochProgress:
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "lr": self.last_lr,
-            "seconds": time.perf_counter() - self.started + self.seconds_before_resume,
+            "seconds": self.elapsed(),
             "images_per_second": self.seen / self.train_seconds if self.train_seconds > 0 else 0.0,
             "layers": [
-                {"name": name, "active_fraction": fraction, "rate": rate}
-                for (name, _), (fraction, rate) in zip(layers, layer_means, strict=True)
+                {
+                    "name": name,
+                    "active_fraction": fraction,
+                    "rate": rate,
+                    "capped_fraction": capped,
+                    "mean_drift": None,  # filled by `_measure_drift`
+                    "var_drift": None,
+                }
+                for (name, _), (fraction, rate, capped) in zip(layers, layer_means, strict=True)
             ],
         }
 
@@ -926,8 +1442,9 @@ def _train_epoch(
     train_started = time.perf_counter()
     progress.last_lr = run.optimizer.param_groups[0]["lr"]
     batches = _train_batches(
-        run.data, config, run.device, order, run.loader_generator, run.drop_last
-    )
+        run.data, config, run.device, order, run.loader_generator, run.drop_last, epoch,
+        first_step=progress.step,
+    )  # fmt: skip
     for x, y in batches:
         loss, logits, lr = _train_step(run, x, y)
         progress.add_step(loss, logits, y, lr, run.layers)
@@ -965,14 +1482,20 @@ def _train_step(
 
 
 def _record_epoch(result: FitResult, metrics: dict) -> bool:
-    """Add a finished epoch's metrics to ``result``; return whether it is the best so far."""
+    """Add a finished epoch's metrics to ``result``; return whether it is the best so far on
+    validation (never without a validation split: the test set chooses nothing). A tie keeps
+    the earlier epoch, as the store does."""
     epoch, test_accuracy = metrics["epoch"], metrics["test_accuracy"]
     result.history.append(metrics)
     result.epochs_completed = epoch
     result.final_accuracy = test_accuracy
-    is_best = result.best_epoch is None or test_accuracy > result.best_accuracy
+    val_accuracy = metrics.get("val_accuracy")
+    if val_accuracy is None:
+        return False
+    is_best = result.best_epoch is None or val_accuracy > result.best_val_accuracy
     if is_best:
-        result.best_accuracy, result.best_epoch = test_accuracy, epoch
+        result.best_val_accuracy, result.best_epoch = val_accuracy, epoch
+        result.test_accuracy_at_best = test_accuracy
     return is_best
 
 
@@ -996,8 +1519,12 @@ def _checkpoint_state(
         "partial": interrupted.partial() if interrupted is not None else None,
         "config": run.config.to_dict(),
         "metrics": result.history,
-        "best_accuracy": result.best_accuracy,
+        "final_accuracy": result.final_accuracy,
+        "best_val_accuracy": result.best_val_accuracy,
         "best_epoch": result.best_epoch,
+        "test_accuracy_at_best": result.test_accuracy_at_best,
+        "init": result.init_source,
+        "environment": result.environment,
     }
 
 
@@ -1008,13 +1535,15 @@ def _evaluate(
     config: TrainConfig,
     device: torch.device,
     autocast: torch.autocast,
+    split: str = "test",
 ) -> tuple[float, float]:
+    """(mean loss, accuracy) on the test set, or with ``split="val"`` the validation set."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = 0
     channels_last = device.type == "cuda"
-    for x, y in _test_batches(data, config, device):
+    for x, y in _test_batches(data, config, device, split):
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:

@@ -12,6 +12,11 @@ One layer covers plain dropout and every row of the paper's Table 1 ablation:
 
 Everything that depends on the data (the sampled rate, the active fraction, the scale) stays a
 tensor on the input's device: the forward and backward passes never synchronise with the host.
+
+The Table-1 rows with modification II but not I need a fixed base rate; :func:`ablation_kwargs`
+chooses it (``ii_base_rate``, see ``docs/fidelity.md``): by default ``matched``, half the dropout
+rate, so that ``p' = p / q+`` equals the dropout rate where half the units are active instead of
+sitting at the cap.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ import math
 import torch
 from torch import Tensor, nn
 
-from jumpout.spec import ABLATIONS, TABLE1_ROWS, canonical_ablation
+from jumpout.spec import ABLATIONS, II_BASE_RATES, TABLE1_ROWS, canonical_ablation
 
 __all__ = [
     "ABLATIONS",
+    "II_BASE_RATES",
+    "MATCHED_ACTIVE_FRACTION",
     "Jumpout",
     "ablation_kwargs",
+    "ii_row_base_rate",
     "jumpout",
     "list_ablations",
+    "mean_base_rate",
     "sample_base_rate",
 ]
 
@@ -79,6 +88,25 @@ def sample_base_rate(
     return (z.abs_().mul_(sigma).add_(p_min)).clamp_(max=p_max)
 
 
+def mean_base_rate(sigma: float, p_min: float, p_max: float) -> float:
+    """The mean of Modification I's rate, :math:`E[\\min(p_{min} + \\sigma |Z|, p_{max})]`, exactly.
+
+    With :math:`c = (p_{max} - p_{min}) / \\sigma` the truncated half-normal has
+
+    .. math:: E = p_{min} + \\sigma \\left(\\sqrt{2/\\pi}\\,(1 - e^{-c^2/2})
+              + c \\,\\mathrm{erfc}(c / \\sqrt{2})\\right)
+
+    (the integral of :math:`z \\cdot 2\\varphi(z)` over :math:`[0, c]` plus the mass beyond
+    :math:`c`, collected at :math:`p_{max}`). The paper's defaults (0.1, 0.01, 0.6) give 0.0898.
+    """
+    if sigma == 0:
+        return float(p_min)
+    c = (p_max - p_min) / sigma
+    below = math.sqrt(2.0 / math.pi) * -math.expm1(-0.5 * c * c)
+    beyond = c * math.erfc(c / math.sqrt(2.0))
+    return float(p_min + sigma * (below + beyond))
+
+
 class _MaskedScale(torch.autograd.Function):
     """``input * mask * scale`` that saves a 1-byte mask and a scale for backward.
 
@@ -108,7 +136,8 @@ def _jumpout(
     per_sample: bool,
     max_rate: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Apply Algorithm 1 in training mode; return the output, q+ and the applied rate p'."""
+    """Apply Algorithm 1 in training mode; return the output, q+ and the applied rate p'
+    (one value, or one per sample with ``per_sample``)."""
     device = input.device
     batch = input.shape[0] if input.dim() > 0 else 1
     per_row = per_sample and input.dim() > 1
@@ -209,9 +238,11 @@ class Jumpout(nn.Module):
     ``Jumpout(rate=p, adaptive=False, exponent=1.0)`` is ``nn.Dropout(p)``; every row of the
     paper's Table 1 is a combination of these switches (see :func:`ablation_kwargs`).
 
-    After each training forward, :attr:`last_active_fraction` and :attr:`last_rate` hold
-    :math:`q^+` and :math:`p'` (batch means) as detached tensors on the input's device, so a
-    training loop can log them (the paper's Figure 1) without synchronising.
+    After each training forward, :attr:`last_active_fraction`, :attr:`last_rate` and
+    :attr:`last_capped_fraction` hold :math:`q^+`, :math:`p'` and whether :math:`p'` reached
+    ``max_rate`` (batch means: with ``per_sample`` the fraction of samples at the cap) as detached
+    0-dim tensors on the input's device, so a training loop can log them (the paper's Figure 1,
+    and how often a row sits at the cap) without synchronising.
 
     Args:
         sigma: standard deviation of the Gaussian the base rate is drawn from. Default: 0.1
@@ -268,6 +299,7 @@ class Jumpout(nn.Module):
         # Plain attributes, not buffers: they are observations, not state to checkpoint.
         self.last_active_fraction: Tensor | None = None
         self.last_rate: Tensor | None = None
+        self.last_capped_fraction: Tensor | None = None
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or input.numel() == 0:
@@ -285,6 +317,11 @@ class Jumpout(nn.Module):
         )
         self.last_active_fraction = _batch_mean(active_fraction)
         self.last_rate = _batch_mean(applied_rate)
+        # p' "reached the cap": the clamp makes a capped rate exactly max_rate. Per sample this
+        # is the fraction of samples at the cap; one compare and (at most) one mean, no sync.
+        # Without modification II no cap is applied, so none is reached.
+        at_cap = applied_rate >= self.max_rate if self.adaptive else torch.zeros_like(applied_rate)
+        self.last_capped_fraction = _batch_mean(at_cap.float())
         return output
 
     def extra_repr(self) -> str:
@@ -304,20 +341,80 @@ def list_ablations() -> list[str]:
     return list(ABLATIONS)
 
 
-def ablation_kwargs(name: str, *, dropout_rate: float = 0.3) -> dict:
+MATCHED_ACTIVE_FRACTION = 0.5
+"""The active fraction ``matched`` assumes: a ReLU fed zero-mean pre-activations (what BN or a
+fresh initialisation gives) passes half of them."""
+
+
+def ii_row_base_rate(
+    mode: str,
+    *,
+    dropout_rate: float,
+    sigma: float = 0.1,
+    p_min: float = 0.01,
+    p_max: float = 0.6,
+) -> float:
+    """The fixed base rate of a Table-1 row with modification II but not I.
+
+    The paper: "the effective dropout rate of every layer is p_j q_j+", and II divides the rate by
+    q+. A row that feeds II the dropout row's rate changes ``1 / q+`` times as many active units as
+    that row does, and ``p / q+`` sits at the cap wherever q+ <= p / max_rate (0.5 / 0.9 on the
+    small CNN). The modes:
+
+    * ``"matched"``: ``dropout_rate * MATCHED_ACTIVE_FRACTION``. Where half the units are active,
+      ``p' = dropout_rate``: the row changes as many active units as the dropout row does.
+    * ``"mean_of_i"``: the mean of Modification I's rate (:func:`mean_base_rate`), so the row
+      differs from the +I+II row only in the rate's randomness.
+    * ``"dropout_rate"``: the dropout rate itself (the behaviour before this choice existed, kept
+      to reproduce old runs): twice the dropout row's rate where q+ = 0.5, at the cap below
+      ``dropout_rate / max_rate``.
+    """
+    if mode == "matched":
+        return dropout_rate * MATCHED_ACTIVE_FRACTION
+    if mode == "mean_of_i":
+        return mean_base_rate(sigma, p_min, p_max)
+    if mode == "dropout_rate":
+        return dropout_rate
+    raise ValueError(f"unknown ii_base_rate {mode!r}; accepted: {', '.join(II_BASE_RATES)}")
+
+
+def ablation_kwargs(
+    name: str,
+    *,
+    dropout_rate: float = 0.3,
+    ii_base_rate: str = "matched",
+    sigma: float = 0.1,
+    p_min: float = 0.01,
+    p_max: float = 0.6,
+) -> dict:
     """Map a Table 1 row name to :class:`Jumpout` keyword arguments.
 
     The result holds ``rate``, ``adaptive`` and ``exponent``; ``sigma``, ``p_min`` and ``p_max``
-    are left to the caller. Rows without Modification I get ``rate=dropout_rate``; rows with it get
-    ``rate=None`` (the random rate). ``ablation_kwargs("dropout", dropout_rate=p)`` makes the layer
-    equivalent to ``nn.Dropout(p)``.
+    are left to the caller (they are read here only for ``ii_base_rate="mean_of_i"``). Rows with
+    Modification I get ``rate=None`` (the random rate). Rows without I and without II (dropout,
+    dropout+III) get ``rate=dropout_rate``; rows with II but not I (dropout+II, dropout+II+III)
+    get the base rate :func:`ii_row_base_rate` picks with ``ii_base_rate``.
+    ``ablation_kwargs("dropout", dropout_rate=p)`` makes the layer equivalent to
+    ``nn.Dropout(p)``.
     """
     row = canonical_ablation(name)
     if row is None:
         raise ValueError(f"unknown ablation {name!r}; accepted: {', '.join(ABLATIONS)}")
+    if ii_base_rate not in II_BASE_RATES:
+        raise ValueError(
+            f"unknown ii_base_rate {ii_base_rate!r}; accepted: {', '.join(II_BASE_RATES)}"
+        )
     modifications = TABLE1_ROWS[row]
+    if "I" in modifications:
+        rate = None
+    elif "II" in modifications:
+        rate = ii_row_base_rate(
+            ii_base_rate, dropout_rate=dropout_rate, sigma=sigma, p_min=p_min, p_max=p_max
+        )
+    else:
+        rate = dropout_rate
     return {
-        "rate": None if "I" in modifications else dropout_rate,
+        "rate": rate,
         "adaptive": "II" in modifications,
         "exponent": 0.75 if "III" in modifications else 1.0,
     }

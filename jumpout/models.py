@@ -13,7 +13,8 @@ job specs against. Shapes and slot positions follow ``docs/recipes.md``:
 name                      slots
 ========================  ==================================================================
 ``mlp``                   after each hidden ReLU
-``cnn_small``             before each of the three dense layers (the paper's CIFAR10(s) net)
+``cnn_small``             before each of the three dense layers (the paper's CIFAR10(s) net;
+                          with ``batch_norm=True`` a BN follows the first two slots' dense layer)
 ``wrn_28_10``/``wrn_16_8`` between the two convolutions of every block, after the inner BN-ReLU
 ``resnet_preact_20``      same place as in the WRN block
 ``resnet18``              before the final linear layer
@@ -91,14 +92,18 @@ class Regularizer:
         p_min: float,
         p_max: float,
         ablation: str | None = None,
+        ii_base_rate: str = "matched",
     ) -> Regularizer:
         """Build from a training spec's ``method`` and hyper-parameters.
 
         ``method`` is ``"none"``, ``"dropout"`` or ``"jumpout"``. When ``ablation`` names a
         row of the paper's Table 1 (see :func:`jumpout.layer.list_ablations`) the slots hold a
         Jumpout layer configured as that row: ``ablation_kwargs(ablation)`` merged with
-        ``sigma``/``p_min``/``p_max``; in the rows without modification I the rate is fixed,
-        and that fixed rate is ``dropout_rate``. Every row, ``"dropout"`` included, is a Jumpout
+        ``sigma``/``p_min``/``p_max``; in the rows without modification I the rate is fixed:
+        ``dropout_rate`` in the rows without II, and in the rows with II the base rate
+        ``ii_base_rate`` picks (``"matched"``: ``dropout_rate * 0.5``; ``"mean_of_i"``: the mean
+        of modification I's rate; ``"dropout_rate"``: the old behaviour, which sits at the cap;
+        see :func:`jumpout.layer.ii_row_base_rate`). Every row, ``"dropout"`` included, is a Jumpout
         layer so that all rows log the same per-layer statistics (active fraction, rate); the
         ``"dropout"`` row is ``Jumpout(rate=dropout_rate, adaptive=False, exponent=1.0)``, which
         behaves as ``nn.Dropout(dropout_rate)``. An ablation needs a method that drops units
@@ -114,7 +119,14 @@ class Regularizer:
                 raise ValueError(
                     f"ablation {ablation!r} needs method 'jumpout' (or 'dropout'), got 'none'"
                 )
-            kwargs = ablation_kwargs(ablation, dropout_rate=dropout_rate)
+            kwargs = ablation_kwargs(
+                ablation,
+                dropout_rate=dropout_rate,
+                ii_base_rate=ii_base_rate,
+                sigma=sigma,
+                p_min=p_min,
+                p_max=p_max,
+            )
             kwargs.update(sigma=sigma, p_min=p_min, p_max=p_max)
             return cls(kind="jumpout", rate=dropout_rate, jumpout_kwargs=kwargs)
         if method == "jumpout":
@@ -128,7 +140,7 @@ class Regularizer:
     @classmethod
     def from_config(cls, config: Any) -> Regularizer:
         """Build from a ``TrainConfig`` (anything with its ``method``, ``dropout_rate``,
-        ``sigma``, ``p_min``, ``p_max`` and ``ablation`` attributes)."""
+        ``sigma``, ``p_min``, ``p_max``, ``ablation`` and ``ii_base_rate`` attributes)."""
         return cls.from_method(
             config.method,
             dropout_rate=config.dropout_rate,
@@ -136,6 +148,7 @@ class Regularizer:
             p_min=config.p_min,
             p_max=config.p_max,
             ablation=getattr(config, "ablation", None),
+            ii_base_rate=getattr(config, "ii_base_rate", "matched"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,8 +255,17 @@ class SmallCNN(nn.Module):
     """conv64, conv64, pool, conv128, conv128, pool, [slot] dense256 [slot] dense256 [slot] dense.
 
     The convolutions are 3x3 with "same" padding, so a 32x32 input reaches the dense head as
-    128x8x8; other sizes give 128 x (size // 4)^2. ``batch_norm=True`` puts a BatchNorm after
-    every convolution, the variant of the paper's Figure 2; the dense head never has one.
+    128x8x8; other sizes give 128 x (size // 4)^2.
+
+    ``batch_norm=True`` is the variant of the paper's Figure 2 ("dropout ... used with or without
+    BN"): a BatchNorm after every convolution and after each hidden dense layer, so the head reads
+    ``[slot] dense BN ReLU [slot] dense BN ReLU [slot] dense``. That is the setting the paper's
+    analysis of modification III assumes ("one linear computational layer ... is followed by a BN
+    layer, then a ReLU activation layer, and then followed by a dropout layer"): the first two
+    slots each feed a BN through one dense layer, so the BN sees dropout's shift of the mean and
+    variance between training and test. A BN only in the convolutional part, before any slot,
+    could not show that shift. ``dense_batch_norm=False`` gives that older variant (BN after the
+    convolutions only), for checkpoints trained with it.
     """
 
     def __init__(
@@ -253,17 +275,27 @@ class SmallCNN(nn.Module):
         regularizer: Regularizer,
         image_size: int = 32,
         batch_norm: bool = False,
+        dense_batch_norm: bool | None = None,
     ) -> None:
         super().__init__()
         if image_size < 4:
             raise ValueError(
                 f"cnn_small needs image_size >= 4 (two 2x2 poolings), got {image_size}"
             )
+        if dense_batch_norm is None:
+            dense_batch_norm = batch_norm
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
             block: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not batch_norm)]
             if batch_norm:
                 block.append(nn.BatchNorm2d(cout))
+            return block + [nn.ReLU(inplace=True)]
+
+        def dense(fin: int, fout: int) -> list[nn.Module]:
+            # The BN's shift replaces the dense layer's bias.
+            block: list[nn.Module] = [nn.Linear(fin, fout, bias=not dense_batch_norm)]
+            if dense_batch_norm:
+                block.append(nn.BatchNorm1d(fout))
             return block + [nn.ReLU(inplace=True)]
 
         self.features = nn.Sequential(
@@ -278,11 +310,9 @@ class SmallCNN(nn.Module):
         side = image_size // 4
         self.classifier = nn.Sequential(
             regularizer.build(),
-            nn.Linear(128 * side * side, 256),
-            nn.ReLU(inplace=True),
+            *dense(128 * side * side, 256),
             regularizer.build(),
-            nn.Linear(256, 256),
-            nn.ReLU(inplace=True),
+            *dense(256, 256),
             regularizer.build(),
             nn.Linear(256, num_classes),
         )
@@ -292,9 +322,19 @@ class SmallCNN(nn.Module):
 
 
 @register_model
-def cnn_small(num_classes, in_channels, regularizer, image_size, *, batch_norm=False):
-    """The paper's CIFAR10(s) network ("v3"); ``batch_norm=True`` for the Figure 2 variant."""
-    return SmallCNN(num_classes, in_channels, regularizer, image_size, batch_norm=batch_norm)
+def cnn_small(
+    num_classes, in_channels, regularizer, image_size, *, batch_norm=False, dense_batch_norm=None
+):
+    """The paper's CIFAR10(s) network ("v3"); ``batch_norm=True`` for the Figure 2 variant (BN
+    after every convolution and hidden dense layer, so a BN follows each of the first two slots)."""
+    return SmallCNN(
+        num_classes,
+        in_channels,
+        regularizer,
+        image_size,
+        batch_norm=batch_norm,
+        dense_batch_norm=dense_batch_norm,
+    )
 
 
 # --------------------------------------------------------------------------------------------

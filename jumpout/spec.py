@@ -631,6 +631,12 @@ def _check_together(values: dict[str, Any], overrides: dict[str, Any]) -> None:
         )
     if values["nesterov"] and values["momentum"] <= 0:
         raise ConfigError("nesterov", "Nesterov momentum needs momentum > 0; set nesterov=false")
+    if values["svhn_extra"] and values["dataset"] != "svhn":
+        raise ConfigError(
+            "svhn_extra",
+            f"only the svhn data set has an extra split; dataset {values['dataset']!r} accepts "
+            "svhn_extra=false only",
+        )
     if values["ablation"] is not None and values["method"] != Method.JUMPOUT:
         given = overrides.get("method")
         if given not in (None, Method.JUMPOUT):

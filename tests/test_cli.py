@@ -1,4 +1,5 @@
-"""The command line: train, demo and ablation runs; clean errors with exit status 2."""
+"""The command line: train and demo runs; clean errors with exit status 2 (the ablation command
+is tested with the report it prints, in tests/test_report.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 from jumpout.cli import main
 from jumpout.data import list_datasets
 from jumpout.engine import list_checkpoints, load_checkpoint
-from jumpout.layer import list_ablations
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-size", "128", "--test-size", "100", "--batch-size", "32", "--device", "cpu"]
@@ -76,12 +76,19 @@ def test_bad_value_exits_2(capsys):
 
 def test_resume_continues_from_newest_checkpoint(tmp_path, capsys):
     common = ["train", "--dataset", "digits", "--architecture", "mlp", "--out", str(tmp_path)]
-    assert main([*common, "--epochs", "1", *TINY]) == 0
+    assert main([*common, "--epochs", "2", *TINY]) == 0
+    (tmp_path / "checkpoint-epoch0002.pt").unlink()  # as if stopped after epoch 1
+    capsys.readouterr()
     assert main([*common, "--epochs", "2", "--resume", *TINY]) == 0
     captured = capsys.readouterr()
     assert "resuming from" in captured.err and "checkpoint-epoch0001.pt" in captured.err
     state = load_checkpoint(tmp_path / "checkpoint-epoch0002.pt")
     assert [m["epoch"] for m in state["metrics"]] == [1, 2]
+    # A resume with another number of epochs (another schedule) is refused, naming the field.
+    assert main([*common, "--epochs", "3", "--resume", *TINY]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: epochs: cannot resume")
+    assert "epochs=2 (asked: 3)" in last_line
 
 
 def test_resume_needs_out(capsys):
@@ -89,18 +96,25 @@ def test_resume_needs_out(capsys):
     assert capsys.readouterr().err.startswith("error: out_dir:")
 
 
-def test_ablation_prints_table_one(capsys):
-    assert main(["ablation", "--dataset", "digits", "--architecture", "mlp", "--epochs", "1",
-                 *TINY]) == 0  # fmt: skip
-    table = capsys.readouterr().out
-    assert "| variant | final test acc % | best test acc % |" in table
-    rows = [line for line in table.splitlines() if line.startswith("| dropout") or
-            line.startswith("| jumpout")]  # fmt: skip
-    assert [row.split("|")[1].strip() for row in rows] == list_ablations()
-
-
 @pytest.mark.slow
 def test_demo_prints_both_methods(capsys):
     assert main(["demo", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "| dropout |" in out and "| jumpout |" in out
+
+
+def test_train_prints_final_test_accuracy_and_the_validation_best_only_with_a_split(capsys):
+    command = ["train", "--dataset", "digits", "--architecture", "mlp", "--epochs", "2", *TINY]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "final test accuracy" in out and "best" not in out
+    assert main([*command, "--val-fraction", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "final test accuracy" in out and "; best on validation: epoch " in out
+
+
+@pytest.mark.slow
+def test_demo_reports_no_test_selected_figure(capsys):
+    assert main(["demo", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| method  | final test acc % | seconds |" in out and "best" not in out

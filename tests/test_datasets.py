@@ -187,6 +187,145 @@ def test_svhn_reads_mat_files_and_maps_label_10_to_0(tmp_path, monkeypatch):
     assert_normalised(image, info, 0, channel=1)
 
 
+def write_svhn(root, splits: dict[str, tuple[np.ndarray, list[int]]], monkeypatch) -> None:
+    """``{split: (X (32, 32, 3, N) uint8, labels 1..10)}`` as ``{split}_32x32.mat`` files, and
+    torchvision's md5 table pointed at them."""
+    from scipy.io import savemat
+
+    root.mkdir(parents=True, exist_ok=True)
+    cls = tv_datasets.SVHN
+    table = dict(cls.split_list)
+    for split, (x, labels) in splits.items():
+        path = root / f"{split}_32x32.mat"
+        savemat(path, {"X": x, "y": np.array([[label] for label in labels], dtype=np.uint8)})
+        table[split] = [cls.split_list[split][0], path.name, md5(path)]
+    monkeypatch.setattr(cls, "split_list", table)
+
+
+def svhn_images(values: list[int]) -> np.ndarray:
+    """(32, 32, 3, N): image i has every red pixel equal to values[i], the rest 0."""
+    x = np.zeros((32, 32, 3, len(values)), dtype=np.uint8)
+    for i, value in enumerate(values):
+        x[:, :, 0, i] = value
+    return x
+
+
+def test_svhn_extra_is_concatenated_after_train(tmp_path, monkeypatch):
+    root = tmp_path / "svhn"
+    write_svhn(
+        root,
+        {
+            "train": (svhn_images([10, 20]), [1, 2]),
+            "test": (svhn_images([30, 40]), [3, 4]),
+            "extra": (svhn_images([50, 60, 70]), [10, 5, 6]),
+        },
+        monkeypatch,
+    )
+
+    train, test, info = load_dataset("svhn", tmp_path, augment=False, extra=True)
+
+    assert len(train) == 5 and info.train_size == 5
+    assert [label for _, label in train] == [1, 2, 0, 5, 6]  # extra's 10 is digit 0 too
+    assert_normalised(train[2][0], info, 50, channel=0)
+    assert "svhn/extra_32x32.mat" in info.files
+    assert [label for _, label in test] == [3, 4]
+    # Without extra (the library's default) only train is read.
+    train_only, _, plain_info = load_dataset("svhn", tmp_path, augment=False)
+    assert len(train_only) == 2 and plain_info.train_size == 73_257
+
+
+def test_svhn_extra_missing_names_the_file(tmp_path, monkeypatch):
+    root = tmp_path / "svhn"
+    write_svhn(
+        root,
+        {"train": (svhn_images([10, 20]), [1, 2]), "test": (svhn_images([30, 40]), [3, 4])},
+        monkeypatch,
+    )
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_dataset("svhn", tmp_path, extra=True)
+    message = str(caught.value)
+    assert "extra_32x32.mat" in message
+    assert str(root) in message
+    assert "svhn_extra=false" in message
+
+
+def test_svhn_extra_is_refused_for_other_datasets():
+    from jumpout.spec import ConfigError, resolve_config
+
+    assert resolve_config("svhn", "wrn_16_8").svhn_extra is True  # the paper's split
+    assert resolve_config("cifar10", "wrn_28_10").svhn_extra is False
+    assert resolve_config("svhn", "wrn_16_8", svhn_extra=False).svhn_extra is False
+    with pytest.raises(ConfigError) as caught:
+        resolve_config("cifar10", "wrn_28_10", svhn_extra=True)
+    assert caught.value.field == "svhn_extra"
+    assert "svhn" in caught.value.message
+
+
+def test_engine_loads_extra_when_the_spec_says_so(tmp_path, monkeypatch):
+    from jumpout import engine
+    from jumpout.spec import resolve_config
+
+    root = tmp_path / "svhn"
+    write_svhn(
+        root,
+        {
+            "train": (svhn_images([10, 20]), [1, 2]),
+            "test": (svhn_images([30, 40]), [3, 4]),
+            "extra": (svhn_images([50, 60, 70]), [10, 5, 6]),
+        },
+        monkeypatch,
+    )
+    for extra, expected in ((True, 5), (False, 2)):
+        config = resolve_config(
+            "svhn", "cnn_small", data_dir=str(tmp_path), device="cpu", svhn_extra=extra
+        )
+        loaded = engine._load_data(config, torch.device("cpu"))
+        assert loaded.train_len == expected
+
+
+def test_measure_normalisation_gives_the_raw_pixel_statistics(tmp_path, monkeypatch):
+    root = tmp_path / "svhn"
+    write_svhn(
+        root,
+        {"train": (svhn_images([0, 255]), [1, 2]), "test": (svhn_images([30, 40]), [3, 4])},
+        monkeypatch,
+    )
+    mean, std = data.measure_normalisation("svhn", tmp_path)
+    # Red: half the pixels 0, half 1 -> mean 0.5, population std 0.5; the others all 0.
+    assert mean == pytest.approx((0.5, 0.0, 0.0), abs=1e-6)
+    assert std == pytest.approx((0.5, 0.0, 0.0), abs=1e-6)
+
+
+def test_without_augmentation_shares_the_data_and_drops_the_random_steps(tmp_path, monkeypatch):
+    info = dataset_info("cifar10")
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        write_cifar_batch(folder / name, images, [0, 1, 2, 3], "labels")
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    cls = tv_datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", None] for i in range(1, 6)])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", None]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": None})
+
+    train, _, info = load_dataset("cifar10", tmp_path, augment=True, train_size=3)
+    plain = data.without_augmentation(train, info)
+    assert len(plain) == len(train) == 3
+    assert plain.dataset.data is train.dataset.data  # shared, not copied
+    torch.manual_seed(0)
+    first = plain[1][0]
+    torch.manual_seed(1)
+    assert torch.equal(first, plain[1][0])  # no random step left
+    # The original keeps its augmentation, and the view equals the un-augmented load.
+    assert any(isinstance(t, T.RandomCrop) for t in train.dataset.transform.transforms)
+    reference, _, _ = load_dataset("cifar10", tmp_path, augment=False, train_size=3)
+    assert torch.equal(first, reference[1][0])
+    tensors = TensorDataset(torch.zeros(2, 3))
+    assert data.without_augmentation(tensors, info) is tensors
+
+
 # ---------------------------------------------------------------------------------------------
 # STL10
 

@@ -11,7 +11,7 @@ from scipy import stats
 from torch import nn
 
 from jumpout import Jumpout, ablation_kwargs, jumpout, list_ablations
-from jumpout.layer import _jumpout, sample_base_rate
+from jumpout.layer import _jumpout, ii_row_base_rate, mean_base_rate, sample_base_rate
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -132,6 +132,37 @@ def test_normalised_rate_is_capped():
     dropped = ((y == 0) & active).sum().item() / active.sum().item()
     assert dropped == pytest.approx(0.9, abs=0.005)
     torch.testing.assert_close(y[y != 0], x[y != 0] * 0.1**-0.75)
+
+
+def test_capped_fraction_says_whether_the_rate_reached_the_cap():
+    layer = Jumpout(rate=0.5, max_rate=0.9)
+    layer(inputs_with_active_fraction((100, 1000), 0.1))  # 0.5 / 0.1 > 0.9: capped
+    assert layer.last_capped_fraction.item() == 1.0
+    layer(inputs_with_active_fraction((100, 1000), 0.8))  # 0.5 / 0.8 = 0.625: not capped
+    assert layer.last_capped_fraction.item() == 0.0
+    assert layer.last_capped_fraction.dim() == 0
+    assert layer.last_capped_fraction.dtype == torch.float32
+    # Exactly at the cap counts as reaching it: 0.45 / 0.5 = 0.9.
+    layer = Jumpout(rate=0.45, max_rate=0.9)
+    layer(inputs_with_active_fraction((10, 1000), 0.5))
+    assert layer.last_capped_fraction.item() == 1.0
+    # Without II nothing is capped, even at a high fixed rate.
+    plain = Jumpout(rate=0.8, adaptive=False, max_rate=0.5)
+    plain(inputs_with_active_fraction((10, 1000), 0.1))
+    assert plain.last_capped_fraction.item() == 0.0
+
+
+def test_per_sample_capped_fraction_is_the_fraction_of_samples_at_the_cap():
+    low = [inputs_with_active_fraction((1, 1000), 0.1, seed=s) for s in range(3)]
+    high = inputs_with_active_fraction((1, 1000), 0.9, seed=9)
+    x = torch.cat([*low, high])  # 0.3 / 0.1 = 3 for three samples, 0.3 / 0.9 for one
+    layer = Jumpout(rate=0.3, per_sample=True, max_rate=0.9)
+    layer(x)
+    assert layer.last_capped_fraction.item() == pytest.approx(0.75)
+    # Per batch the mean q+ is 0.3, so 0.3 / 0.3 = 1 > 0.9: the one call is capped.
+    per_batch = Jumpout(rate=0.3, max_rate=0.9)
+    per_batch(x)
+    assert per_batch.last_capped_fraction.item() == 1.0
 
 
 def test_all_inactive_input_drops_nothing_and_has_no_nan():
@@ -276,8 +307,9 @@ def test_table1_rows_map_to_modifications():
     }
     assert ablation_kwargs("jumpout") == {"rate": None, "adaptive": True, "exponent": 0.75}
     assert ablation_kwargs("Dropout+III+I") == ablation_kwargs("dropout+I+III")
+    # Rows with II but not I: by default the matched base rate, half the dropout rate.
     assert ablation_kwargs("dropout+II+III", dropout_rate=0.2) == {
-        "rate": 0.2,
+        "rate": 0.1,
         "adaptive": True,
         "exponent": 0.75,
     }
@@ -286,6 +318,77 @@ def test_table1_rows_map_to_modifications():
     # Every row builds a valid layer.
     for row in list_ablations():
         Jumpout(**ablation_kwargs(row))
+
+
+@pytest.mark.parametrize(
+    ("sigma", "p_min", "p_max"),
+    [(0.1, 0.01, 0.6), (0.3, 0.05, 0.4), (2.0, 0.0, 0.5), (1e-4, 0.2, 0.9)],
+)
+def test_mean_base_rate_is_the_exact_mean_of_modification_one(sigma, p_min, p_max):
+    from scipy import integrate
+
+    # E[min(p_min + sigma |Z|, p_max)] by numerical integration over the half-normal density.
+    def integrand(z):
+        return min(p_min + sigma * z, p_max) * 2 * stats.norm.pdf(z)
+
+    kink = (p_max - p_min) / sigma
+    # The density is negligible beyond 40 (and quad misses its peak on a long interval).
+    expected = integrate.quad(integrand, 0, min(kink, 40.0))[0] + p_max * 2 * stats.norm.sf(kink)
+    assert mean_base_rate(sigma, p_min, p_max) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    # And the sampler draws from that distribution: its mean within 5 standard errors.
+    draws = sample_base_rate(sigma, p_min, p_max, (400_000,)).double()
+    error = 5 * draws.std().item() / math.sqrt(draws.numel()) + 1e-6
+    assert draws.mean().item() == pytest.approx(mean_base_rate(sigma, p_min, p_max), abs=error)
+
+
+def test_mean_base_rate_of_the_paper_defaults_and_edges():
+    assert mean_base_rate(0.1, 0.01, 0.6) == pytest.approx(0.01 + 0.1 * math.sqrt(2 / math.pi))
+    assert mean_base_rate(0.0, 0.2, 0.6) == 0.2
+    assert mean_base_rate(1e6, 0.2, 0.6) == pytest.approx(0.6, abs=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3])
+def test_ii_base_rate_modes(rate):
+    sigma, p_min, p_max = 0.2, 0.02, 0.5
+    expected = {
+        "matched": rate * 0.5,
+        "mean_of_i": mean_base_rate(sigma, p_min, p_max),
+        "dropout_rate": rate,
+    }
+    for mode, base in expected.items():
+        assert ii_row_base_rate(
+            mode, dropout_rate=rate, sigma=sigma, p_min=p_min, p_max=p_max
+        ) == pytest.approx(base)
+        options = dict(dropout_rate=rate, ii_base_rate=mode, sigma=sigma, p_min=p_min, p_max=p_max)
+        for row in ("dropout+II", "dropout+II+III"):
+            assert ablation_kwargs(row, **options)["rate"] == pytest.approx(base)
+        # The rows without II keep the dropout rate; the rows with I keep the random rate.
+        for row in ("dropout", "dropout+III"):
+            assert ablation_kwargs(row, **options)["rate"] == rate
+        for row in ("dropout+I", "dropout+I+II", "dropout+I+III", "jumpout"):
+            assert ablation_kwargs(row, **options)["rate"] is None
+    with pytest.raises(ValueError, match="matched, mean_of_i, dropout_rate"):
+        ablation_kwargs("dropout", ii_base_rate="half")
+
+
+def test_matched_ii_row_changes_as_many_active_units_as_dropout():
+    """The paper: "the effective dropout rate of every layer is p_j q_j+". Where half the units
+    are active, the matched II row drops the same share of the active units as dropout, off the
+    cap, while the old base rate (dropout_rate) sits at it."""
+    x = inputs_with_active_fraction((64, 4096), 0.5)
+    active = x > 0
+    dropped = {}
+    for mode in ("matched", "dropout_rate"):
+        layer = Jumpout(**ablation_kwargs("dropout+II", dropout_rate=0.5, ii_base_rate=mode))
+        y = layer(x)
+        dropped[mode] = ((y == 0) & active).sum().item() / active.sum().item()
+        capped = layer.last_capped_fraction.item()
+        assert capped == (1.0 if mode == "dropout_rate" else 0.0)
+    dropout = Jumpout(**ablation_kwargs("dropout", dropout_rate=0.5))
+    y = dropout(x)
+    dropout_share = ((y == 0) & active).sum().item() / active.sum().item()
+    assert dropped["matched"] == pytest.approx(dropout_share, abs=0.02)
+    assert dropped["dropout_rate"] == pytest.approx(0.9, abs=0.02)
 
 
 def test_repr_shows_hyper_parameters():

@@ -89,6 +89,57 @@ def test_cnn_small_batch_norm_after_every_conv():
             assert layer.bias is None
 
 
+def execution_order(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
+    """The leaf modules in the order a forward pass calls them (traced with hooks)."""
+    called: list[nn.Module] = []
+    handles = [
+        module.register_forward_hook(lambda module, _inputs, _output: called.append(module))
+        for module in model.modules()
+        if not list(module.children())
+    ]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
+
+
+def slots_feeding_a_batch_norm(model: nn.Module, x: torch.Tensor) -> list[int]:
+    """Indices (in call order) of the Jumpout slots whose output a BatchNorm consumes directly
+    or after at most one linear or convolutional layer."""
+    order = execution_order(model, x)
+    slots_seen = [i for i, module in enumerate(order) if isinstance(module, Jumpout)]
+    feeding = []
+    for number, i in enumerate(slots_seen):
+        following = order[i + 1 : i + 3]
+        if following and isinstance(following[0], nn.Linear | nn.Conv2d):
+            following = following[1:]
+        if following and isinstance(following[0], nn.BatchNorm1d | nn.BatchNorm2d):
+            feeding.append(number)
+    return feeding
+
+
+def test_cnn_small_batch_norm_variant_has_a_batch_norm_after_a_dropout_slot():
+    """Figure 2's variant must be able to show the train/test variance shift of dropout that
+    modification III addresses: a BN has to read a slot's output through one linear layer."""
+    x = torch.randn(4, 3, 32, 32)
+    with_bn = create_model("cnn_small", 10, 3, Regularizer("jumpout"), batch_norm=True).train()
+    assert slots_feeding_a_batch_norm(with_bn, x) == [0, 1]
+    # The hidden dense layers lose their bias to the BN's shift; the classifier keeps its own.
+    linears = [m for m in with_bn.modules() if isinstance(m, nn.Linear)]
+    assert [m.bias is None for m in linears] == [True, True, False]
+    without = create_model("cnn_small", 10, 3, Regularizer("jumpout"), batch_norm=False)
+    assert slots_feeding_a_batch_norm(without.train(), x) == []
+    # The older variant (BN after the convolutions only, before any slot) stays buildable for
+    # its checkpoints, and shows why it could not stand for Figure 2.
+    conv_only = create_model(
+        "cnn_small", 10, 3, Regularizer("jumpout"), batch_norm=True, dense_batch_norm=False
+    )
+    assert slots_feeding_a_batch_norm(conv_only.train(), x) == []
+    assert any(isinstance(m, nn.BatchNorm2d) for m in conv_only.modules())
+
+
 def test_wrn_28_10_parameter_count():
     # Counting only: a forward pass of WRN-28-10 is too slow for the unit tests.
     model = create_model("wrn_28_10", 10, 3, Regularizer("dropout"))
@@ -201,8 +252,13 @@ def test_ablation_rows_map_to_jumpout_switches(row, random_rate, adaptive, expon
     assert regularizer.kind == "jumpout"
     layer = regularizer.build()
     assert isinstance(layer, Jumpout)
-    # Rows without modification I use the spec's dropout rate as the fixed rate.
-    assert layer.rate == (None if random_rate else 0.4)
+    # Rows without modification I use the spec's dropout rate as the fixed rate, except the
+    # rows with II: by default (ii_base_rate "matched") half of it, so p' = p / q+ stays off the
+    # cap.
+    if random_rate:
+        assert layer.rate is None
+    else:
+        assert layer.rate == pytest.approx(0.2 if adaptive else 0.4)
     assert (layer.adaptive, layer.exponent) == (adaptive, exponent)
     assert (layer.sigma, layer.p_min, layer.p_max) == (0.15, 0.02, 0.5)
 
@@ -238,6 +294,23 @@ def test_from_config_reads_a_train_config_like_object():
         method="dropout", dropout_rate=0.3, sigma=0.1, p_min=0.01, p_max=0.6, ablation=None
     )
     assert Regularizer.from_config(config) == Regularizer("dropout", rate=0.3)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("matched", 0.15), ("mean_of_i", None), ("dropout_rate", 0.3)]
+)
+def test_from_config_threads_the_ii_base_rate(mode, expected):
+    from jumpout.layer import mean_base_rate
+    from jumpout.spec import resolve_config
+
+    config = resolve_config(
+        "digits", "mlp", ablation="dropout+II", dropout_rate=0.3, ii_base_rate=mode
+    )
+    layer = Regularizer.from_config(config).build()
+    if expected is None:
+        expected = mean_base_rate(config.sigma, config.p_min, config.p_max)
+    assert layer.rate == pytest.approx(expected)
+    assert layer.adaptive and layer.exponent == 1.0
 
 
 def test_create_model_without_regularizer_means_none():
