@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from jobstore.errors import FieldError, InvalidRequest, InvalidSpec, ServiceError, error_body
@@ -68,8 +69,14 @@ def validation_error_response(errors: list[dict[str, Any]], accepted_fields: lis
     return 422, error_body(code, f"invalid value for: {names}", fields)
 
 
-def install_error_handlers(app, *, accepted_fields: list[str] | None = None) -> None:
-    """Map domain errors, FastAPI validation errors and HTTP errors to the uniform body."""
+def install_error_handlers(
+    app, *, accepted_fields: list[str] | Mapping[str, list[str]] | None = None
+) -> None:
+    """Map domain errors, FastAPI validation errors and HTTP errors to the uniform body.
+
+    `accepted_fields`: the body fields an unknown field's message lists; a mapping gives them
+    per path prefix (a job spec's fields under /v1/jobs, an experiment's under /v1/experiments).
+    """
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -82,7 +89,14 @@ def install_error_handlers(app, *, accepted_fields: list[str] | None = None) -> 
         )
 
     async def on_validation_error(request, exc: RequestValidationError):
-        status, body = validation_error_response(list(exc.errors()), accepted_fields)
+        accepted = accepted_fields
+        if isinstance(accepted_fields, Mapping):
+            path = request.url.path
+            accepted = next(
+                (fields for prefix, fields in accepted_fields.items() if path.startswith(prefix)),
+                None,
+            )
+        status, body = validation_error_response(list(exc.errors()), accepted)
         if (
             status == 422
             and body["error"]["fields"]
@@ -90,7 +104,10 @@ def install_error_handlers(app, *, accepted_fields: list[str] | None = None) -> 
         ):
             # The whole body was the wrong type (a list, a string...), or was not sent as JSON
             # at all (FastAPI does not parse a body of another content type).
-            message = "the request body must be a JSON object (a job spec)"
+            what = (
+                "an experiment" if request.url.path.startswith("/v1/experiments") else "a job spec"
+            )
+            message = f"the request body must be a JSON object ({what})"
             content_type = request.headers.get("content-type", "")
             if not _is_json(content_type):
                 shown = repr(content_type[:40]) if content_type else "none"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import health, jobs
-from api.schemas import CLIENT_FIELDS
+from api.experiment_schemas import EXPERIMENT_FIELDS
+from api.routes import experiments, health, jobs
+from api.schemas import SUBMIT_FIELDS
 from jobstore import queue
 from jobstore.errors import FieldError, error_body
 from jobstore.settings import get_settings
@@ -87,6 +89,9 @@ async def lifespan(_app: FastAPI):
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+    # An experiment report needs scipy (about 1 s to import here): loaded beside the server
+    # once it serves, rather than at start-up (slower to answer) or in the first report.
+    threading.Thread(target=experiments.load_statistics, name="load-scipy", daemon=True).start()
     yield
 
 
@@ -98,8 +103,15 @@ def create_app() -> FastAPI:
         summary="Train networks with Jumpout, dropout or neither, as a service",
         version="0.1.0",
     )
-    install_error_handlers(app, accepted_fields=list(CLIENT_FIELDS))
+    install_error_handlers(
+        app,
+        accepted_fields={
+            "/v1/jobs": list(SUBMIT_FIELDS),
+            "/v1/experiments": list(EXPERIMENT_FIELDS),
+        },
+    )
     app.include_router(jobs.router)
+    app.include_router(experiments.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -31,8 +31,9 @@ from sqlalchemy.exc import DBAPIError
 from api.auth import Principal, principal_for
 from jobstore.db import get_read_engine
 from jobstore.errors import JobNotFound
+from jobstore.fairshare import queue_position
 from jobstore.jobs import encode_cursor, filter_jobs, is_job_id, job_view, metric_view
-from jobstore.tables import METRIC_FIELDS, ApiToken, EpochMetric, Job
+from jobstore.tables import METRIC_FIELDS, ApiToken, EpochMetric, Job, JobStatus
 
 T = TypeVar("T")
 
@@ -128,7 +129,12 @@ def job_json(connection: Connection, job_id: str) -> bytes:
     row = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
     if row is None:
         raise JobNotFound(job_id)
-    return orjson.dumps(job_view(row), option=JSON_OPTIONS)
+    view = job_view(row)
+    if row.status == JobStatus.QUEUED:
+        # Three aggregate queries over the queued jobs and their owners (not in the list: a
+        # page of queued jobs would repeat them per item).
+        view["queue"] = queue_position(connection, row)
+    return orjson.dumps(view, option=JSON_OPTIONS)
 
 
 def jobs_page_json(
@@ -137,11 +143,19 @@ def jobs_page_json(
     status: str | None = None,
     method: str | None = None,
     dataset: str | None = None,
+    experiment_id: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> bytes:
     """A `JobsPage` body: newest first, keyset pagination as in `jobstore.jobs.list_jobs`."""
-    query = filter_jobs(_JOBS, status=status, method=method, dataset=dataset, cursor=cursor)
+    query = filter_jobs(
+        _JOBS,
+        status=status,
+        method=method,
+        dataset=dataset,
+        experiment_id=experiment_id,
+        cursor=cursor,
+    )
     rows = connection.execute(query.limit(limit + 1)).all()
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     items = [job_view(row) for row in rows[:limit]]

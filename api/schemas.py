@@ -9,7 +9,8 @@ None of the shapes is written out here field by field where another declaration 
   own `FieldSpec.check`, so the API, the command line and the library refuse the same values
   with the same message. Unknown fields are refused.
 * `JobRead` is the job's read shape: the job columns marked `READ` (`jobstore.tables`) plus
-  progress, result and owner, built by `jobstore.jobs.job_view`.
+  progress, result, owner and, for a queued job read by id, its place in the fair order
+  (`queue`, `jobstore.fairshare.queue_position`), built by `jobstore.jobs.job_view`.
 * `EpochMetricRead` has one field per metric column (`jobstore.tables.METRIC_FIELDS`).
 """
 
@@ -37,6 +38,12 @@ from jumpout.spec import (
 
 CLIENT_FIELDS = tuple(name for name, spec in FIELDS.items() if not spec.operator)
 """The spec fields an API client may set, in the spec's order."""
+
+PRIORITY_RANGE = (-100, 100)
+"""A job's `priority` (POST /v1/jobs): orders it among its owner's queued jobs only."""
+
+SUBMIT_FIELDS = (*CLIENT_FIELDS, "priority")
+"""Every field of a job submission (`JobCreate`): the client's spec fields and `priority`."""
 
 
 def _request_field(spec: FieldSpec) -> tuple[Any, Any]:
@@ -100,6 +107,20 @@ JobCreate = create_model(
         "check_with_spec": field_validator(*CLIENT_FIELDS, mode="before")(_check_with_spec)
     },
     **{name: _request_field(FIELDS[name]) for name in CLIENT_FIELDS},
+    # Not a training field: where the job stands among its owner's own queued jobs.
+    priority=(
+        int | None,
+        Field(
+            None,
+            ge=PRIORITY_RANGE[0],
+            le=PRIORITY_RANGE[1],
+            description=(
+                f"an integer in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}]: higher starts first "
+                "among this owner's own queued jobs (owners take turns whatever their "
+                "priorities); omitted: 0"
+            ),
+        ),
+    ),
 )
 
 
@@ -108,6 +129,16 @@ class Progress(BaseModel):
     epochs: int
     fraction: float
     eta_seconds: float | None
+
+
+class QueuePosition(BaseModel):
+    """Where a queued job stands in the fair order (round-robin over the owners with queued
+    jobs, priority within an owner): exact for the next start, an estimate beyond it, since new
+    jobs of owners who have had fewer turns go ahead of those who have had many."""
+
+    position: int = Field(description="1: the next job a free worker starts")
+    ahead: int = Field(description="queued jobs that start before this one")
+    reason: str = Field(description="why it waits, in words")
 
 
 class JobResult(BaseModel):
@@ -148,6 +179,13 @@ JobRead = create_model(
     progress=(Progress, ...),
     result=(JobResult, ...),
     owner=(str | None, ...),
+    queue=(
+        QueuePosition | None,
+        Field(
+            description="for a queued job read by id (GET /v1/jobs/{id}): its place in line; "
+            "null otherwise, and in lists"
+        ),
+    ),
 )
 
 

@@ -20,9 +20,22 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Select,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
+from jobstore import fairshare
 from jobstore.errors import (
     CheckpointGone,
     CheckpointNotFound,
@@ -60,28 +73,22 @@ JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 # --- submitting and reading ------------------------------------------------------------------
 
 
-def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) -> Job:
+def create_job(
+    session: Session, *, spec: dict[str, Any], owner_id: int | None, priority: int = 0
+) -> Job:
     """Resolve `spec` (dataset, architecture and overrides) with the recipe defaults and store a
     queued job owned by `owner_id` (None: anonymous). The caller enqueues it after this commits.
+    `priority` orders the job among its owner's queued jobs only (`jobstore.fairshare`).
 
     The server, not the client, decides where data and outputs live and which device to use (the
     spec's `operator` fields). Raises `InvalidSpec` naming the field when the spec refuses a
     value or a value is over this server's limits, `TooManyQueued` when the owner already has
-    `max_queued_per_token` queued jobs.
+    `max_queued_per_token` queued jobs (of its own: an experiment's jobs are bounded by
+    `max_experiment_jobs` instead and do not count here).
     """
     settings = get_settings()
     job_id = new_job_id()
-    overrides = {k: v for k, v in spec.items() if k not in REQUIRED} | server_fields(job_id)
-    try:
-        config = resolve_config(spec["dataset"], spec["architecture"], **overrides)
-    except ConfigError as exc:
-        # The operator fields (server_fields) cannot be at fault: the settings that fill them are
-        # checked against the same spec when they load.
-        raise InvalidSpec(
-            f"invalid value for: {exc.field}", fields=[FieldError(exc.field, exc.message)]
-        ) from None
-    _check_server_limits(config, given=spec)
-    resolved = config.to_dict()
+    config = resolve_job_spec(spec, job_id=job_id)
 
     owner = None
     if owner_id is not None:
@@ -91,6 +98,7 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
         owner = session.scalars(
             select(ApiToken).where(ApiToken.id == owner_id).with_for_update()
         ).one_or_none()
+    check_init_from(session, config, owner_id=owner_id, is_admin=bool(owner and owner.is_admin))
     limit = settings.max_queued_per_token
     # Core statements on the session's connection (the ORM's execution layer cost more CPU than
     # the database for these two); queued jobs are counted up to the limit only, so the work
@@ -106,34 +114,95 @@ def create_job(session: Session, *, spec: dict[str, Any], owner_id: int | None) 
             f"this token already has {queued} queued jobs; the limit is {limit} "
             "(max_queued_per_token): wait for some to start or cancel them"
         )
-    values = {
-        "id": job_id,
-        "status": JobStatus.QUEUED.value,
-        "spec": resolved,
-        "method": config.method,
-        "dataset": config.dataset,
-        "architecture": config.architecture,
-        "owner_id": owner_id,
-        "attempt": 0,
-        "max_attempts": settings.max_attempts,
-        "epochs": config.epochs,
-        "epoch": 0,
-        "device": config.device,
-        "cancel_requested": False,
-        "created_at": utcnow(),
-        "priority": 0,
-    }
+    values = job_values(job_id, config, owner_id=owner_id, priority=priority)
     # A Core INSERT: the ORM's unit of work cost 2 ms of the submit route's CPU for one row.
-    connection.execute(_INSERT_JOB, values)
+    connection.execute(INSERT_JOB, values)
     session.commit()
     # The caller's copy of what was stored (not attached to the session).
     return Job(**values, owner=owner)
 
 
+def check_init_from(
+    session: Session, config: TrainConfig, *, owner_id: int | None, is_admin: bool
+) -> None:
+    """A job that starts from another job's weights (``init_from: job:<id>``) may name only a
+    job its caller owns (or any, for an admin), as cancelling does; `InvalidSpec` naming
+    `init_from` otherwise, with one message for "no such job" and "not yours" so that job ids
+    cannot be probed. The trainer resolves the job to its newest valid checkpoint when it
+    starts: the job need not have one yet. A path source is checked by the trainer, which sees
+    the data directory."""
+    source = config.init_from
+    if source is None or not source.startswith("job:"):
+        return
+    source_id = source.removeprefix("job:")
+    row = session.execute(select(Job.owner_id).where(Job.id == source_id)).one_or_none()
+    if row is None or not (is_admin or row.owner_id == owner_id):
+        session.rollback()
+        message = (
+            f"no job {source_id} that this token can start from; accepted: job:<id> of one of "
+            "its own jobs (any job for an admin token), or a weights file under the data "
+            "directory"
+        )
+        raise InvalidSpec("invalid value for: init_from", fields=[FieldError("init_from", message)])
+
+
+def resolve_job_spec(spec: dict[str, Any], *, job_id: str) -> TrainConfig:
+    """The training config of a client's job spec (dataset, architecture and overrides) as this
+    server runs it: the recipe's defaults filled, the server's `operator` fields set for
+    `job_id`, every value checked by the spec and against this server's limits. Raises
+    `InvalidSpec` naming each field at fault. Touches no database: call it before a transaction
+    starts (on SQLite, before the write lock is taken)."""
+    overrides = {k: v for k, v in spec.items() if k not in REQUIRED} | server_fields(job_id)
+    try:
+        config = resolve_config(spec["dataset"], spec["architecture"], **overrides)
+    except ConfigError as exc:
+        # The operator fields (server_fields) cannot be at fault: the settings that fill them are
+        # checked against the same spec when they load.
+        raise InvalidSpec(
+            f"invalid value for: {exc.field}", fields=[FieldError(exc.field, exc.message)]
+        ) from None
+    _check_server_limits(config, given=spec)
+    return config
+
+
+def job_values(
+    job_id: str,
+    config: TrainConfig,
+    *,
+    owner_id: int | None,
+    priority: int = 0,
+    experiment_id: str | None = None,
+    row_label: str | None = None,
+) -> dict[str, Any]:
+    """The columns of a new queued job running `config` (from `resolve_job_spec`), for
+    `INSERT_JOB`."""
+    return {
+        "id": job_id,
+        "status": JobStatus.QUEUED.value,
+        "spec": config.to_dict(),
+        "method": config.method,
+        "dataset": config.dataset,
+        "architecture": config.architecture,
+        "owner_id": owner_id,
+        "attempt": 0,
+        "max_attempts": get_settings().max_attempts,
+        "epochs": config.epochs,
+        "epoch": 0,
+        "device": config.device,
+        "cancel_requested": False,
+        "created_at": utcnow(),
+        "priority": priority,
+        "experiment_id": experiment_id,
+        "row_label": row_label,
+    }
+
+
 def _queued_count(owner: Any) -> Select:
+    # An experiment's jobs are not counted: `max_experiment_jobs` bounds each experiment, and
+    # one experiment would otherwise block its owner's single submissions until it had started.
     queued = (
         select(Job.status)
-        .where(owner, Job.status == JobStatus.QUEUED)
+        .where(owner, Job.status == JobStatus.QUEUED, Job.experiment_id.is_(None))
         .limit(bindparam("limit"))
         .subquery()
     )
@@ -142,7 +211,7 @@ def _queued_count(owner: Any) -> Select:
 
 _QUEUED_OF_ANONYMOUS = _queued_count(Job.owner_id.is_(None))
 _QUEUED_OF_OWNER = _queued_count(Job.owner_id == bindparam("owner_id"))
-_INSERT_JOB = insert(Job.__table__)
+INSERT_JOB = insert(Job.__table__)
 
 
 def server_fields(job_id: str) -> dict[str, Any]:
@@ -232,11 +301,14 @@ def filter_jobs(
     method: str | None = None,
     dataset: str | None = None,
     owner_id: int | None = None,
+    experiment_id: str | None = None,
     cursor: str | None = None,
 ) -> Select:
     """Newest first, filtered, from the cursor on: keyset pagination on (created_at, id), so
     pages stay stable while jobs are being submitted. Shared by the ORM and the fast read path."""
     query = query.order_by(Job.created_at.desc(), Job.id.desc())
+    if experiment_id is not None:
+        query = query.where(Job.experiment_id == experiment_id)
     if status is not None:
         query = query.where(Job.status == status)
     if method is not None:
@@ -318,25 +390,27 @@ def request_cancel(session: Session, job_id: str, *, token) -> Job:
     job = get_job(session, job_id)
     if not token.is_admin and job.owner_id != token.id:
         raise Forbidden("only the job's owner or an admin can cancel it")
-    now = utcnow()
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now)
-    ).rowcount
-    flagged = (
-        cancelled
-        or session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-            .values(cancel_requested=True)
-        ).rowcount
-    )
+    flagged = cancel_jobs(session, Job.id == job_id)
     session.commit()
     job = get_job(session, job_id)
     if not flagged:
         raise JobFinished(f"job {job_id} has already finished ({job.status}); nothing to cancel")
     return job
+
+
+def cancel_jobs(session: Session, *criteria: Any) -> int:
+    """Cancel the jobs matching `criteria` that have not finished, in the caller's transaction
+    (it commits): a queued job is cancelled at once, a running one flagged for its worker to stop
+    at its next check. Returns how many jobs were cancelled or flagged."""
+    cancelled = session.execute(
+        update(Job)
+        .where(*criteria, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow())
+    ).rowcount
+    flagged = session.execute(
+        update(Job).where(*criteria, Job.status == JobStatus.RUNNING).values(cancel_requested=True)
+    ).rowcount
+    return cancelled + flagged
 
 
 def cancel_requested(session: Session, job_id: str) -> bool:
@@ -370,6 +444,34 @@ def claim_job(session: Session, job_id: str, *, worker: str) -> Job | None:
     return get_job(session, job_id)
 
 
+def claim_next(session: Session, *, worker: str, tries: int = 20) -> Job | None:
+    """Take the queued job that is next in the fair order (`jobstore.fairshare`: round-robin over
+    the owners, priority within an owner): `queued -> running`, attempt + 1. None when nothing is
+    queued.
+
+    The pick and the conditional UPDATE share one transaction. On SQLite that transaction holds
+    the write lock from its first statement, so no other worker can pick in between; on
+    PostgreSQL two workers may pick the same job, the UPDATE lets one have it and the other picks
+    again (`tries` times: each lost race means another worker took a job)."""
+    for _ in range(tries):
+        job_id = fairshare.next_job_id(session)
+        if job_id is None:
+            session.commit()
+            return None
+        job = claim_job(session, job_id, worker=worker)
+        if job is not None:
+            return job
+    logger.warning("claim_next: lost the race for a queued job %d times; giving up", tries)
+    return None
+
+
+def count_claimable(session: Session) -> int:
+    """How many queued jobs a worker could claim now (what the dispatch messages are for)."""
+    count = fairshare.count_claimable(session)
+    session.commit()
+    return count
+
+
 def heartbeat(session: Session, job_id: str, *, attempt: int) -> bool:
     """Record that attempt `attempt` is alive. False when the job is no longer running under that
     attempt (requeued by the reaper, finished, cancelled): the caller should stop."""
@@ -388,6 +490,20 @@ def set_device(session: Session, job_id: str, *, device: str) -> None:
     session.commit()
 
 
+def set_environment(
+    session: Session, job_id: str, *, environment: dict[str, Any], device: str | None = None
+) -> None:
+    """Record what reproducing the job needs beyond its spec (`jumpout.provenance.environment`:
+    versions, git commit, device, host, the starting weights' source and sha256), and with
+    `device` the device it trains on, in one transaction. Written by each attempt's trainer when
+    it starts, so a later attempt replaces an earlier one's."""
+    values: dict[str, Any] = {"environment": environment}
+    if device is not None:
+        values["device"] = device[:64]
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+    session.commit()
+
+
 def _finite(value: Any) -> float | None:
     if value is None:
         return None
@@ -395,7 +511,15 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _upsert(session: Session, model, values: dict[str, Any], keys: list[str], update_cols):
+def _upsert(
+    session: Session,
+    model,
+    values: dict[str, Any] | list[dict[str, Any]],
+    keys: list[str],
+    update_cols,
+):
+    """Insert ``values`` (a row, or a list of rows with the same keys, in one executemany),
+    updating ``update_cols`` of the rows whose ``keys`` exist."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -403,6 +527,13 @@ def _upsert(session: Session, model, values: dict[str, Any], keys: list[str], up
         from sqlalchemy.dialects.sqlite import insert
     else:  # pragma: no cover - only the two supported backends
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    if isinstance(values, list):
+        statement = insert(model)
+        statement = statement.on_conflict_do_update(
+            index_elements=keys, set_={c: statement.excluded[c] for c in update_cols}
+        )
+        session.execute(statement, values)
+        return
     statement = insert(model).values(**values)
     statement = statement.on_conflict_do_update(
         index_elements=keys, set_={c: statement.excluded[c] for c in update_cols}
@@ -437,8 +568,8 @@ def metric_view(row: Any) -> dict[str, Any]:
 def job_view(job: Any) -> dict[str, Any]:
     """A job as the API serves it (`api.schemas.JobRead`), from a `Job` or a Core row of its
     columns and `owner_name`: the columns marked `READ` as they are, plus progress (with an ETA
-    from the mean epoch time), result and owner. Datetimes stay datetimes; the caller
-    serialises."""
+    from the mean epoch time), result, owner and queue (None here: see `api.queries.job_json`).
+    Datetimes stay datetimes; the caller serialises."""
     view = {column.name: getattr(job, column.name) for column in READ_COLUMNS}
     epochs = job.epochs or 0
     eta = None
@@ -460,6 +591,9 @@ def job_view(job: Any) -> dict[str, Any]:
         "test_accuracy_at_best": job.test_accuracy_at_best,
     }
     view["owner"] = job.owner_name
+    # Where a queued job stands in the fair order takes queries (`fairshare.queue_position`):
+    # only the read of one job fills it in (`api.queries.job_json`).
+    view["queue"] = None
     return view
 
 
@@ -467,11 +601,21 @@ def record_epoch(session: Session, job_id: str, metrics: dict[str, Any]) -> None
     """Store one finished epoch's metrics (upsert on (job, epoch): a resumed run that repeats an
     epoch replaces it) and refresh the job's progress, final test accuracy and, when the run
     holds out a validation split, the epoch chosen on it (never on the test set)."""
-    values = {"job_id": job_id, **metric_row(metrics), "created_at": utcnow()}
+    record_epochs(session, job_id, [metrics])
+
+
+def record_epochs(session: Session, job_id: str, epochs: list[dict[str, Any]]) -> None:
+    """`record_epoch` for several epochs in one transaction, the job's summary refreshed once
+    (the trainer writes sub-second epochs in batches)."""
+    if not epochs:
+        return
+    now = utcnow()
+    rows = [{"job_id": job_id, **metric_row(metrics), "created_at": now} for metrics in epochs]
+    # One statement for the batch (an executemany: 1 ms for 20 epochs, a statement each 8 ms).
     _upsert(
         session,
         EpochMetric,
-        values,
+        rows,
         ["job_id", "epoch"],
         [*METRIC_FIELDS, "layers", "created_at"],
     )
@@ -585,6 +729,20 @@ def finish_job(
     return bool(changed)
 
 
+def _back_to_queue(now: datetime) -> dict[str, Any]:
+    """The values that put a running job back in the queue, decided in the UPDATE itself: a
+    cancel flagged since the caller last looked makes it cancelled instead (a queued job with the
+    flag set is never claimed: it would wait forever)."""
+    return {
+        "status": case(
+            (Job.cancel_requested, JobStatus.CANCELLED.value), else_=JobStatus.QUEUED.value
+        ),
+        "finished_at": case(
+            (Job.cancel_requested, literal(now, Job.__table__.c.finished_at.type)), else_=None
+        ),
+    }
+
+
 def requeue_job(
     session: Session, job_id: str, *, attempt: int, error: str, count_attempt: bool
 ) -> bool:
@@ -595,7 +753,7 @@ def requeue_job(
     the reason in `error`. A shutdown is not the job's fault: `count_attempt=False` gives the
     attempt back. False when that attempt no longer owns the job (nothing changed)."""
     values: dict[str, Any] = {
-        "status": JobStatus.QUEUED,
+        **_back_to_queue(utcnow()),
         "worker": None,
         "heartbeat_at": None,
         "error": error,
@@ -644,9 +802,9 @@ def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int)
                 "error": f"worker lost {attempt} times (heartbeat timeout)",
             }
         else:
-            values = {"status": JobStatus.QUEUED, "worker": None, "heartbeat_at": None}
+            values = {**_back_to_queue(now), "worker": None, "heartbeat_at": None}
         changed = session.execute(guard.values(**values)).rowcount
-        if changed and values["status"] == JobStatus.QUEUED:
+        if changed and not cancel and attempt < max_attempts:
             requeued.append(job_id)
     session.commit()
     return requeued

@@ -36,9 +36,13 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     reaper_interval: float = Field(10.0, gt=0)
-    # How long a queued job may be missing from the broker before the reaper sends it again
-    # (shorter for tests, or for faster recovery after a Redis restart).
+    # How long a queued job may wait before the reaper counts it when topping up the dispatch
+    # messages (the API publishes right after its commit; shorter for tests, or for faster
+    # recovery after a Redis restart). A job the reaper itself requeues counts at once.
     reconcile_after: float = Field(60.0, gt=0)
+    # At most this many dispatch messages wait in the broker (`jobstore.queue`): each wakes one
+    # free worker to claim the next job in the fair order; a worker that claims tops it up.
+    dispatch_depth: int = Field(2, ge=1, le=1000)
     cancel_grace: float = Field(30.0, ge=0)
     # Redis redelivers unacknowledged messages after this; it must exceed the longest job.
     visibility_timeout: float = Field(7 * 24 * 3600.0, gt=0)
@@ -47,9 +51,19 @@ class Settings(BaseSettings):
     max_epochs: int = Field(FIELDS["epochs"].high, ge=1, le=FIELDS["epochs"].high)
     max_batch_size: int = Field(FIELDS["batch_size"].high, ge=1, le=FIELDS["batch_size"].high)
     max_queued_per_token: int = Field(100, ge=1)
+    # The most jobs (rows x seeds) one experiment may hold; its jobs do not count against
+    # max_queued_per_token.
+    max_experiment_jobs: int = Field(500, ge=1)
     max_request_bytes: int = Field(64 * 1024, ge=1024)
 
     device: Device = Device.AUTO
+    # Fork each trainer from a process that has imported torch once (`worker.template`) instead
+    # of starting `python -m worker.trainer` (seconds of imports per job); False: always spawn.
+    trainer_template: bool = True
+    # Seconds between a job's checkpoints (and its epoch metrics' writes) when epochs are shorter;
+    # the last epoch and a stop are always checkpointed. 0: every epoch. A crash repeats at most
+    # this much training; a checkpoint per sub-second epoch would cost as much as the epoch.
+    checkpoint_interval: float = Field(2.0, ge=0)
     # DataLoader processes per training job.
     num_workers: int = Field(0, ge=0, le=FIELDS["num_workers"].high)
     worker_name: str = Field(default_factory=socket.gethostname)

@@ -76,8 +76,9 @@ async def submit_job(body: JobCreate, credentials: BearerDep):
 def _store(spec: dict, token: str | None) -> tuple[str, bytes]:
     # The token is checked on a read connection: a lookup takes no write lock.
     principal = queries.caller(token)
+    priority = spec.pop("priority", None) or 0  # not a training field
     with db.session_scope() as session:
-        job = jobs.create_job(session, spec=spec, owner_id=principal.id)
+        job = jobs.create_job(session, spec=spec, owner_id=principal.id, priority=priority)
     return job.id, queries.job_body(job)
 
 
@@ -92,6 +93,9 @@ async def list_jobs(
     status: JobStatus | None = None,
     method: Method | None = None,
     dataset: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_.+-]+$")] = None,
+    experiment_id: Annotated[
+        str | None, Query(pattern=r"^[0-9a-f]{32}$", description="only this experiment's jobs")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$")] = None,
 ):
@@ -102,6 +106,7 @@ async def list_jobs(
         status=status,
         method=method,
         dataset=dataset,
+        experiment_id=experiment_id,
         limit=limit,
         cursor=cursor,
     )

@@ -5,7 +5,6 @@ migrations, and the broker's `enqueue_job` (and its async twin) replaced by a re
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from fastapi.testclient import TestClient
 from jobstore import db, queue
 from jobstore.settings import get_settings
 
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 TABLES = ("epoch_metrics", "checkpoints", "jobs", "api_tokens")
 QUICK_SPEC = {"dataset": "synthetic", "architecture": "mlp"}
 
@@ -34,26 +32,6 @@ def sqlite_template(tmp_path_factory) -> Path:
     db.migrate(url)
     db.dispose_engines()
     return path
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"jumpout_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
-        db.migrate(url)
-        db.dispose_engines()
-        yield url
-    finally:
-        db.dispose_engines()
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

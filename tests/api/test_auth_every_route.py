@@ -25,7 +25,7 @@ from sqlalchemy import inspect, select, text
 from api import auth
 from api.cli import main as cli
 from api.main import create_app
-from jobstore import db, jobs
+from jobstore import db, experiments, jobs
 from jobstore.tables import Job
 
 SPEC = {"dataset": "synthetic", "architecture": "mlp", "epochs": 2}
@@ -97,12 +97,16 @@ def real_ids(session, settings, make_job, tokens) -> dict[str, str]:
         session, job_id, path=str(path), epoch=1, is_best=True, size_bytes=7,
         sha256=jobs.file_sha256(path),
     )  # fmt: skip
-    return {"job_id": job_id, "checkpoint_id": str(checkpoint.id)}
+    experiment_id, _ = experiments.create_experiment(
+        session, request={"base": SPEC, "rows": [{}], "seeds": 1}, owner_id=tokens["alice"][0]
+    )
+    return {"job_id": job_id, "checkpoint_id": str(checkpoint.id), "experiment_id": experiment_id}
 
 
 def request(client, method: str, path: str, ids: dict[str, str], headers=None):
     url = path.format(**ids)
-    body = SPEC if method == "POST" and path == "/v1/jobs" else None
+    bodies = {"/v1/jobs": SPEC, "/v1/experiments": {"base": SPEC, "rows": [{}], "seeds": 1}}
+    body = bodies.get(path) if method == "POST" else None
     return client.request(method, url, json=body, headers=headers or {})
 
 

@@ -216,7 +216,6 @@ def test_a_lone_surrogate_name_is_refused(client):
         "attempt",
         "max_attempts",
         "worker",
-        "priority",
         "Dataset",
         "dataset ",
         "config",

@@ -35,8 +35,10 @@ def test_submit_answers_201_with_location_and_the_resolved_spec(client, settings
     assert spec["data_dir"] == str(settings.data_dir)
     assert spec["device"] == settings.device
     assert enqueued == [job["id"]]
+    assert job["queue"] is None  # the submission answers without placing it in line
     again = client.get(response.headers["Location"])
-    assert again.status_code == 200 and again.json() == job
+    assert again.status_code == 200 and again.json() == {**job, "queue": again.json()["queue"]}
+    assert again.json()["queue"]["position"] == 1
     assert again.json()["created_at"].endswith("+00:00") or again.json()["created_at"].endswith("Z")
 
 

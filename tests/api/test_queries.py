@@ -44,11 +44,16 @@ def test_job_body_equals_job_read(client, session, make_job, state):
     if state in ("succeeded", "failed"):
         jobs.finish_job(session, job_id, status=state, error="boom" if state == "failed" else None)
     expected = model_json(JobRead.from_job(jobs.get_job(session, job_id)))
+    if state == "queued":
+        # Only the read by id places a queued job in the fair order (jobstore.fairshare).
+        reason = "next in line: starts as soon as a worker is free"
+        expected["queue"] = {"position": 1, "ahead": 0, "reason": reason}
     response = client.get(f"/v1/jobs/{job_id}")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json() == expected
     assert response.json()["owner"] == "alice"
+    assert model_json(JobRead.model_validate(response.json())) == expected
     listed = client.get("/v1/jobs").json()
     assert listed == model_json(
         JobsPage(items=[JobRead.from_job(jobs.get_job(session, job_id))], next_cursor=None)

@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from api import auth  # noqa: E402
 from api.main import create_app  # noqa: E402
-from jobstore import jobs  # noqa: E402
+from jobstore import experiments, jobs  # noqa: E402
 
 CHECKS = [
     not_a_server_error,
@@ -66,8 +66,8 @@ def token(session) -> tuple[int, str]:
 
 @pytest.fixture
 def known(session, make_job, settings, token) -> dict[str, object]:
-    """A real job (owned by the fuzzing token) with a real checkpoint file, for the pinned path
-    parameters."""
+    """A real job (owned by the fuzzing token) with a real checkpoint file, and an experiment of
+    the token's, for the pinned path parameters."""
     job_id = make_job(owner_id=token[0])
     directory = settings.artifact_dir / "jobs" / job_id
     directory.mkdir(parents=True)
@@ -79,7 +79,13 @@ def known(session, make_job, settings, token) -> dict[str, object]:
         session, job_id, path=str(path), epoch=1, sha256=hashlib.sha256(content).hexdigest(),
         size_bytes=len(content), is_best=True,
     )  # fmt: skip
-    return {"job_id": job_id, "checkpoint_id": checkpoint.id}
+    experiment_id, _ = experiments.create_experiment(
+        session,
+        request={"base": {"dataset": "synthetic", "architecture": "mlp"}, "preset": "table2",
+                 "seeds": 2},
+        owner_id=token[0],
+    )  # fmt: skip
+    return {"job_id": job_id, "checkpoint_id": checkpoint.id, "experiment_id": experiment_id}
 
 
 def _strategies(operation, known: dict[str, object], token: str):

@@ -90,6 +90,24 @@ def test_a_stale_job_whose_cancel_was_requested_is_cancelled(session, make_job):
     assert jobs.get_job(session, job_id).status == "cancelled"
 
 
+def test_a_requeue_after_a_cancel_request_cancels_instead(session, make_job):
+    # The supervisor decided to requeue (its trainer crashed) and a cancel arrived meanwhile: a
+    # queued job with the flag set is never claimed, so the requeue must end the job instead.
+    job_id, other = make_job(), make_job()
+    attempt = jobs.claim_job(session, job_id, worker="w1").attempt
+    jobs.claim_job(session, other, worker="w2")
+    jobs.request_cancel(session, job_id, token=type("Admin", (), {"id": 1, "is_admin": True}))
+
+    assert jobs.requeue_job(session, job_id, attempt=attempt, error="crashed", count_attempt=True)
+    job = jobs.get_job(session, job_id)
+    assert job.status == "cancelled" and job.finished_at is not None
+    assert job.finished_at.tzinfo is not None and job.finished_at <= datetime.now(UTC)
+    # Without the flag the same call requeues.
+    assert jobs.requeue_job(session, other, attempt=1, error="crashed", count_attempt=True)
+    job = jobs.get_job(session, other)
+    assert job.status == "queued" and job.finished_at is None
+
+
 def test_get_job_raises_a_lookup_error(session):
     with pytest.raises(LookupError):
         jobs.get_job(session, "0" * 32)

@@ -36,6 +36,13 @@ OPERATIONS = {
         "download_checkpoint",
     },
     "health": {"read_health"},
+    "experiments": {
+        "submit_experiment",
+        "list_experiments",
+        "read_experiment",
+        "cancel_experiment",
+        "read_experiment_report",
+    },
 }
 # FastAPI's default ids end with the path and the method: submit_job_v1_jobs_post.
 DEFAULT_ID = re.compile(r"_v1_\w*_(get|post|put|patch|delete)\b")

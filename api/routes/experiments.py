@@ -1,0 +1,204 @@
+"""`/v1/experiments`: submit rows x seeds as jobs in one request, read progress, list, cancel,
+and the statistical report (`jobstore.experiments`, `jumpout.report`).
+
+An experiment is visible to its owner and to admins only; to anyone else it does not exist (404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Query, Response, status
+from starlette.concurrency import run_in_threadpool
+
+from api import queries
+from api.deps import BearerDep, SessionDep, TokenDep
+from api.experiment_schemas import (
+    ExperimentCreate,
+    ExperimentRead,
+    ExperimentReport,
+    ExperimentsPage,
+    ReportFormat,
+)
+from api.schemas import error_responses
+from jobstore import db, experiments, queue
+from jumpout.report import report_csv, report_markdown
+
+router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
+
+REPORT_CACHE_SIZE = 64  # experiments; a 240-job report is about 10 kB in each format
+report_cache = experiments.ReportCache(REPORT_CACHE_SIZE)
+
+REPORT_MEDIA_TYPES = {
+    ReportFormat.JSON: "application/json",
+    ReportFormat.CSV: "text/csv",
+    ReportFormat.MARKDOWN: "text/markdown",
+}
+
+
+def load_statistics() -> None:
+    """Import what building a report needs (numpy, scipy.stats)."""
+    import scipy.stats  # noqa: F401
+
+
+def _json(body: bytes, status_code: int = 200, headers: dict | None = None) -> Response:
+    return Response(
+        content=body, status_code=status_code, media_type="application/json", headers=headers
+    )
+
+
+def _token(credentials) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
+def _experiment_body(connection, experiment_id: str, principal) -> bytes:
+    row = experiments.experiment_row(connection, experiment_id, principal)
+    view = experiments.experiment_view(connection, row)
+    return orjson.dumps(view, option=queries.JSON_OPTIONS)
+
+
+@router.post(
+    "",
+    operation_id="submit_experiment",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ExperimentRead,
+    responses=error_responses(400, 401, 413, 422),
+)
+async def submit_experiment(body: ExperimentCreate, credentials: BearerDep):
+    request = body.model_dump(exclude_unset=True)
+    priority = request.pop("priority", 0)
+    # In the thread pool on both backends, unlike a single job's submission: planning and
+    # resolving up to max_experiment_jobs specs is tens of milliseconds of CPU, which on the
+    # event loop would stall every poll meanwhile (the SQLite write lock is taken only for the
+    # inserts, after all of it).
+    experiment_id, job_ids, content = await run_in_threadpool(
+        _store, request, priority, _token(credentials)
+    )
+    # Committed first; shielded, so a client that hangs up cannot stop the publishing half-way.
+    await asyncio.shield(_publish(job_ids))
+    return _json(
+        content,
+        status.HTTP_201_CREATED,
+        headers={"Location": f"/v1/experiments/{experiment_id}"},
+    )
+
+
+def _store(request: dict, priority: int, token: str | None) -> tuple[str, list[str], bytes]:
+    principal = queries.caller(token)
+    with db.session_scope() as session:
+        experiment_id, job_ids = experiments.create_experiment(
+            session, request=request, owner_id=principal.id, priority=priority
+        )
+    return experiment_id, job_ids, queries.read(_experiment_body, experiment_id, principal)
+
+
+async def _publish(job_ids: list[str]) -> None:
+    """Send each job to the broker, as a single submission does (`queue.try_enqueue`). The first
+    failure ends it: the broker is down or hung, and waiting out its timeout once per job would
+    hold the request for minutes; the jobs left are queued rows the reaper sends later."""
+    for job_id in job_ids:
+        if not await queue.try_enqueue(job_id):
+            break
+
+
+@router.get(
+    "",
+    operation_id="list_experiments",
+    response_model=ExperimentsPage,
+    responses=error_responses(401, 422),
+)
+async def list_experiments(
+    credentials: BearerDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+):
+    def page(connection) -> bytes:
+        principal = queries.principal(connection, _token(credentials))
+        body = experiments.experiments_page(connection, principal, limit=limit, cursor=cursor)
+        return orjson.dumps(body, option=queries.JSON_OPTIONS)
+
+    return _json(queries.read(page))
+
+
+@router.get(
+    "/{experiment_id}",
+    operation_id="read_experiment",
+    response_model=ExperimentRead,
+    responses=error_responses(401, 404, 422),
+)
+async def read_experiment(experiment_id: str, credentials: BearerDep):
+    def body(connection) -> bytes:
+        principal = queries.principal(connection, _token(credentials))
+        return _experiment_body(connection, experiment_id, principal)
+
+    return _json(queries.read(body))
+
+
+@router.post(
+    "/{experiment_id}/cancel",
+    operation_id="cancel_experiment",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ExperimentRead,
+    responses=error_responses(401, 404, 413, 422),
+)
+def cancel_experiment(experiment_id: str, session: SessionDep, principal: TokenDep):
+    experiments.request_experiment_cancel(session, experiment_id, principal=principal)
+    content = queries.read(_experiment_body, experiment_id, principal)
+    return _json(content, status.HTTP_202_ACCEPTED)
+
+
+@router.get(
+    "/{experiment_id}/report",
+    operation_id="read_experiment_report",
+    response_model=ExperimentReport,
+    responses={
+        200: {
+            "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "text/markdown": {"schema": {"type": "string"}},
+            },
+            "description": "The report: JSON, or one line per row as CSV, or a Markdown table "
+            "(`format`)",
+        },
+        **error_responses(401, 404, 422),
+    },
+)
+def read_experiment_report(
+    experiment_id: str,
+    credentials: BearerDep,
+    report_format: Annotated[ReportFormat, Query(alias="format")] = ReportFormat.JSON,
+):
+    # A plain def: a report not in the cache is built (scipy's bootstrap) in the thread pool.
+    def body(connection) -> bytes:
+        principal = queries.principal(connection, _token(credentials))
+        row = experiments.experiment_row(connection, experiment_id, principal)
+        return _report_body(connection, row, report_format)
+
+    return Response(content=queries.read(body), media_type=REPORT_MEDIA_TYPES[report_format])
+
+
+def _report_body(connection, row, report_format: ReportFormat) -> bytes:
+    """The report in `report_format`, from the cache while the experiment's jobs have not
+    changed state (`jobstore.experiments.report_key`)."""
+    name = (str(connection.engine.url), row.id)
+    key = experiments.report_key(connection, row.id)
+    bodies = report_cache.get(name, key)
+    if bodies is None:
+        # Built from rows read after the key: at least as new as it (see api.queries' cache).
+        report = experiments.build_experiment_report(connection, row)
+        bodies = {"report": report}
+        report_cache.put(name, key, bodies)
+    body = bodies.get(report_format)
+    if body is None:
+        report = bodies["report"]
+        if report_format == ReportFormat.CSV:
+            body = report_csv(report).encode()
+        elif report_format == ReportFormat.MARKDOWN:
+            body = report_markdown(report).encode()
+        else:
+            body = orjson.dumps(report, option=queries.JSON_OPTIONS)
+        # Two threads rendering the same format at once store equal bytes.
+        bodies[report_format] = body
+    return body
