@@ -92,16 +92,18 @@ def submit_load(url: str, *, clients: int = 20, total: int = 2000, token: str | 
 
 
 def lost(created: list[str], database: Path, broker_url: str) -> int:
-    """201s that are not a stored job, or whose queued job has no message in the broker."""
+    """201s that are not a stored job, plus the wake-up messages the broker lacks while jobs are
+    queued: it must hold min(queued jobs, dispatch_depth) (the database is the queue; the broker
+    only wakes workers, `jobstore.queue`; a checkout from before that holds one per job)."""
     from jobstore import queue
+    from jobstore.settings import Settings
 
     with contextlib.closing(sqlite3.connect(database)) as connection:
         status = dict(connection.execute("SELECT id, status FROM jobs"))
-    in_broker = set(queue.job_ids(redis.Redis.from_url(broker_url).lrange(queue.QUEUE, 0, -1)))
-    return sum(
-        job_id not in status or (status[job_id] == "queued" and job_id not in in_broker)
-        for job_id in created
-    )
+    queued = sum(status.get(job_id) == "queued" for job_id in created)
+    waiting = redis.Redis.from_url(broker_url).llen(queue.QUEUE)
+    missing_messages = max(0, min(queued, Settings().dispatch_depth) - waiting)
+    return sum(job_id not in status for job_id in created) + missing_messages
 
 
 def measure(checkout: Path, *, clients: int, total: int, processes: int) -> dict:

@@ -1,15 +1,26 @@
-"""The broker queue: its names, enqueueing a job by id, and the broker's and workers' health.
+"""The broker queue: its names, the dispatch messages that wake the workers, and the broker's
+and workers' health.
 
-The API never imports `worker/`: it sends the task by name. Job state lives in the database, so the
-message carries only the job id and its result is never read (Celery reports PENDING for ids it
-has never seen).
+The database is the queue; the broker only wakes workers. A `run_job` message means "a worker
+that receives this claims the next job in the fair order" (`jobstore.jobs.claim_next`,
+`jobstore.fairshare`): the job id it carries (the job whose submission or requeue sent it) is a
+label for the logs, not an order, so the broker's FIFO never decides who runs next. The queue holds
+at most `dispatch_depth` waiting messages: a submission publishes only below that
+(`enqueue_job`, one atomic Lua script: check the length, push), a worker that claims or finishes
+a job tops the queue up to min(claimable jobs, `dispatch_depth`) (`top_up`), and so does the
+reaper, which also covers a broker that was down or lost its data. A message that finds nothing to
+claim is acknowledged and does nothing, so a spare one costs a worker one query.
+
+The API never imports `worker/`: it sends the task by name. Job state lives in the database, so
+the message's result is never read (Celery reports PENDING for ids it has never seen).
 
 On a Redis broker (every deployment of this project) the message, Celery's task protocol 2 in the
-envelope kombu's Redis transport writes, is pushed with one LPUSH (`kombu_envelope`; the reaper
-reads the same layout back). `send_task` made a new Redis client inside kombu for every publish,
-about 2.5 ms of CPU per submission, a third of the submit route's, and importing Celery was half
-of the API's start-up; the envelope is checked against a real `send_task` by a test. Any other
-broker URL goes through `send_task`.
+envelope kombu's Redis transport writes, is pushed by that one script (`kombu_envelope`;
+`job_ids` reads the same layout back). `send_task` made a new Redis client inside kombu for every
+publish, about 2.5 ms of CPU per submission, a third of the submit route's, and importing Celery
+was half of the API's start-up; the envelope is checked against a real `send_task` by a test.
+Any other broker URL goes through `send_task`, one message per submitted or requeued job (its
+length cannot be read, so there is no depth limit and no top-up there).
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -166,16 +177,68 @@ def job_ids(raw_messages: Iterable[bytes | str]) -> Iterator[str]:
             continue
 
 
-def enqueue_job(job_id: str) -> None:
-    """Send `jumpout.run_job(job_id)` to the `jobs` queue. Raises when the broker is unreachable
-    (within `PUBLISH_TIMEOUT_S` on Redis)."""
+# Pushes messages (ARGV[2:]) until the list KEYS[1] holds ARGV[1], in one atomic step: concurrent
+# submissions cannot all see a short queue and all push. Returns how many it pushed.
+_PUSH_UP_TO = """
+local missing = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[1])
+local pushed = 0
+for i = 2, #ARGV do
+  if pushed >= missing then break end
+  redis.call('LPUSH', KEYS[1], ARGV[i])
+  pushed = pushed + 1
+end
+return pushed
+"""
+
+
+def dispatch_depth() -> int:
+    """The most dispatch messages that may wait in the queue (the `dispatch_depth` setting)."""
+    return get_settings().dispatch_depth
+
+
+def enqueue_job(job_id: str) -> bool:
+    """Make sure a worker will come for the queued jobs: publish one `jumpout.run_job(job_id)`
+    message unless the queue already holds `dispatch_depth` of them (any worker that receives one
+    claims the next job in the fair order, not necessarily `job_id`). True when a message was
+    published. Raises when the broker is unreachable (within `PUBLISH_TIMEOUT_S` on Redis)."""
     address = redis_address(get_settings().broker_url)
     if address is None:
         celery_app().send_task(
             RUN_JOB_TASK, args=[job_id], queue=QUEUE, retry=True, retry_policy=PUBLISH_RETRY_POLICY
         )
-        return
-    _redis_client(address).lpush(QUEUE, kombu_envelope(job_id))
+        return True
+    client = _redis_client(address)
+    return bool(client.eval(_PUSH_UP_TO, 1, QUEUE, dispatch_depth(), kombu_envelope(job_id)))
+
+
+def top_up(claimable: int, *, requeued: Sequence[str] = ()) -> int:
+    """Publish messages until the queue holds min(`claimable`, `dispatch_depth`) of them (a
+    worker after a claim or a finish, the reaper on every pass); returns how many were published.
+
+    `requeued`: jobs just put back to queued (by the reaper). On Redis the first one labels the
+    messages; on another broker, whose queue cannot be measured, each gets a message of its own
+    (as every submitted job does there) and nothing else is published. Raises when the broker is
+    unreachable."""
+    address = redis_address(get_settings().broker_url)
+    if address is None:
+        for job_id in requeued:
+            enqueue_job(job_id)
+        return len(requeued)
+    target = min(claimable, dispatch_depth())
+    if target <= 0:
+        return 0
+    label = requeued[0] if requeued else ""
+    envelopes = [kombu_envelope(label) for _ in range(target)]
+    return int(_redis_client(address).eval(_PUSH_UP_TO, 1, QUEUE, target, *envelopes))
+
+
+def waiting_messages() -> int | None:
+    """How many dispatch messages wait in the queue (not yet delivered to a worker); None when
+    the broker is not Redis. Raises when the broker is unreachable."""
+    address = redis_address(get_settings().broker_url)
+    if address is None:
+        return None
+    return int(_redis_client(address).llen(QUEUE))
 
 
 _async_clients: dict[tuple[str, int], Any] = {}
@@ -196,21 +259,23 @@ def _async_redis_client(address: str):
     return client
 
 
-async def enqueue_job_async(job_id: str) -> None:
+async def enqueue_job_async(job_id: str) -> bool:
     """`enqueue_job` for an event loop: a slow or hung broker holds neither the loop nor a
     thread, only this request, for at most `PUBLISH_TIMEOUT_S`."""
     address = redis_address(get_settings().broker_url)
     if address is None:
         from starlette.concurrency import run_in_threadpool
 
-        await run_in_threadpool(enqueue_job, job_id)
-        return
-    await _async_redis_client(address).lpush(QUEUE, kombu_envelope(job_id))
+        return await run_in_threadpool(enqueue_job, job_id)
+    client = _async_redis_client(address)
+    return bool(await client.eval(_PUSH_UP_TO, 1, QUEUE, dispatch_depth(), kombu_envelope(job_id)))
 
 
 async def try_enqueue(job_id: str) -> bool:
-    """Enqueue from the API's event loop, logging (not raising) a broker failure: the job stays
-    queued in the database and the reaper sends it later."""
+    """After committing queued jobs (one submission, or an experiment's jobs: call it once), wake
+    a worker from the API's event loop, logging (not raising) a broker failure: the jobs stay
+    queued in the database and the reaper publishes for them later. False only on a failure
+    (a full queue is not one: the waiting messages will claim these jobs in their turn)."""
     try:
         await enqueue_job_async(job_id)
     except Exception as exc:  # any broker/transport error; the row is the source of truth
@@ -248,8 +313,15 @@ def count_workers(timeout: float | None = None) -> int:
     """How many Celery workers answer a broadcast ping within `timeout` seconds (the call always
     waits the whole timeout, since the number of workers is not known in advance)."""
     settings = get_settings()
+    app = celery_app()
     try:
-        replies = celery_app().control.ping(timeout=timeout or settings.health_ping_timeout)
+        # Its own connection, closed here: a pooled one would stay in the process with its reply
+        # channel mid-BRPOP, and kombu's after-fork cleanup in any child forked later (a
+        # DataLoader worker) would block for ever reading that reply.
+        with app.connection_for_write() as connection:
+            replies = app.control.ping(
+                timeout=timeout or settings.health_ping_timeout, connection=connection
+            )
     except Exception as exc:
         logger.warning("worker ping failed: %s", exc)
         return 0

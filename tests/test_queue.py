@@ -79,3 +79,79 @@ def test_an_unreachable_broker_fails_within_the_publish_timeout(monkeypatch):
     finally:
         get_settings.cache_clear()
     assert time.monotonic() - started < 2 * queue.PUBLISH_TIMEOUT_S
+
+
+# --- the capacity rule: the broker holds wake-up messages, at most dispatch_depth ---------------
+
+
+@pytest.fixture
+def depth(broker, monkeypatch):
+    monkeypatch.setenv("JUMPOUT_DISPATCH_DEPTH", "2")
+    get_settings.cache_clear()
+    return 2
+
+
+def test_a_submission_publishes_only_below_the_dispatch_depth(broker, depth):
+    published = [queue.enqueue_job(f"{n:032x}") for n in range(5)]
+    assert published == [True, True, False, False, False]
+    assert broker.llen(queue.QUEUE) == depth
+    # The oldest two messages stay, naming the jobs that sent them (only a label).
+    assert sorted(queue.job_ids(broker.lrange(queue.QUEUE, 0, -1))) == [f"{0:032x}", f"{1:032x}"]
+    broker.rpop(queue.QUEUE)  # a worker took one
+    assert queue.enqueue_job(JOB_ID) is True
+    assert broker.llen(queue.QUEUE) == depth
+
+
+def test_concurrent_submissions_cannot_overfill_the_queue(broker, depth):
+    import threading
+
+    start = threading.Barrier(16)
+
+    def publish() -> None:
+        start.wait()
+        for _ in range(5):
+            queue.enqueue_job(JOB_ID)
+
+    threads = [threading.Thread(target=publish) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert broker.llen(queue.QUEUE) == depth
+
+
+def test_the_event_loop_follows_the_same_rule(broker, depth):
+    import asyncio
+
+    async def submit_three() -> list[bool]:
+        return [await queue.enqueue_job_async(JOB_ID) for _ in range(3)]
+
+    assert asyncio.run(submit_three()) == [True, True, False]
+    assert broker.llen(queue.QUEUE) == depth
+    assert asyncio.run(queue.try_enqueue(JOB_ID)) is True  # a full queue is not a failure
+
+
+def test_top_up_fills_to_the_smaller_of_claimable_jobs_and_the_depth(broker, depth):
+    assert queue.top_up(0) == 0
+    assert queue.top_up(1) == 1
+    assert queue.top_up(1) == 0
+    assert queue.top_up(50) == 1
+    assert queue.top_up(50) == 0
+    assert queue.waiting_messages() == depth
+    broker.delete(queue.QUEUE)
+    assert queue.top_up(50, requeued=[JOB_ID]) == depth
+    assert list(queue.job_ids(broker.lrange(queue.QUEUE, 0, -1))) == [JOB_ID, JOB_ID]
+
+
+def test_a_broker_whose_queue_cannot_be_measured_gets_one_message_per_requeued_job(monkeypatch):
+    monkeypatch.setenv("JUMPOUT_BROKER_URL", "memory://")
+    get_settings.cache_clear()
+    sent: list[str] = []
+    monkeypatch.setattr(queue, "enqueue_job", sent.append)
+    try:
+        assert queue.top_up(10) == 0
+        assert queue.top_up(10, requeued=["a" * 32, "b" * 32]) == 2
+        assert queue.waiting_messages() is None
+    finally:
+        get_settings.cache_clear()
+    assert sent == ["a" * 32, "b" * 32]

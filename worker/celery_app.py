@@ -66,13 +66,16 @@ app = make_celery()
 
 @worker_process_init.connect
 def _on_pool_process_start(**_: object) -> None:
-    """A fresh pool process: never reuse the parent's pooled database connections, and turn the
-    parent's shutdown notice (SIGUSR2, see below) into a checkpoint-and-stop of the trainer."""
+    """A fresh pool process: never reuse the parent's pooled database connections, turn the
+    parent's shutdown notice (SIGUSR2, see below) into a checkpoint-and-stop of the trainer, and
+    start the trainer template now (it imports torch in the background, in its own process), so
+    that the first job does not wait for it."""
     from jobstore import db
     from worker import supervisor
 
     db.forget_inherited_engines()
     signal.signal(signal.SIGUSR2, supervisor.on_shutdown_signal)
+    supervisor.start_template()
 
 
 @worker_shutting_down.connect

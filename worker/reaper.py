@@ -3,12 +3,18 @@
 Each pass
 
 1. requeues running jobs whose heartbeat is older than ``heartbeat_timeout`` (their worker or
-   supervisor died; ``jobstore.jobs.requeue_stale_jobs`` fails those out of attempts) and sends each
-   requeued id to the broker; the next attempt resumes from the newest valid checkpoint;
-2. reconciles: a job that has been ``queued`` for over a minute but whose message is in neither
-   the broker's queue nor its unacknowledged set (the enqueue after the commit failed, Redis lost
-   its data) is sent again. A duplicate delivery would be harmless anyway: ``claim_job`` lets only
-   one delivery run a job.
+   supervisor died; ``jobstore.jobs.requeue_stale_jobs`` fails those out of attempts); the next
+   attempt resumes from the newest valid checkpoint;
+2. tops up the dispatch messages: the database is the queue and the broker only wakes workers
+   (`jobstore.queue`), so what must hold is a count, not a message per job: while jobs are
+   claimable, min(claimable, ``dispatch_depth``) messages wait in the broker. A pass publishes
+   the shortfall (the publish after a submission failed, Redis lost its data, a worker died
+   between receiving a message and claiming). Queued jobs younger than ``reconcile_after``
+   are not counted (the API publishes right after its commit); those this pass requeued are.
+   A spare message is harmless: the worker that receives it finds nothing to claim and acks it.
+
+Messages delivered to a worker and not acknowledged are not counted: a live worker's is the job it
+runs, a dead worker's would come back only after the visibility timeout (days).
 
 Why a process and not a Celery beat entry: the GPU workers run one task at a time, so a scheduled
 ``reap`` task would wait behind the very training job it is meant to rescue. Run exactly one
@@ -17,41 +23,33 @@ reaper per deployment (the compose ``reaper`` service; the embedded launcher sta
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
-from jobstore import db, jobs
-from jobstore.queue import QUEUE, enqueue_job, job_ids, redis_address
+from jobstore import db, jobs, queue
+from jobstore.fairshare import CLAIMABLE
 from jobstore.settings import get_settings
-from jobstore.tables import Job, JobStatus
+from jobstore.tables import Job
 
 log = logging.getLogger("worker.reaper")
-
-# A delivered, unacknowledged message younger than this belongs to a live worker about to claim
-# its job (a loaded machine can take seconds to fork the pool process and claim); an older one,
-# of a job still queued, to a dead worker. Not tied to settings.reconcile_after: a short reconcile
-# delay must not make a slow claim look lost.
-UNACKED_RECENT = timedelta(seconds=60)
 
 
 def reap_once(
     *,
-    enqueue: Callable[[str], None] = enqueue_job,
-    ids_in_broker: Callable[[], set[str] | None] | None = None,
-    lost_after: timedelta | None = None,
-) -> dict[str, list[str]]:
-    """One pass; returns the ids requeued as stale and those re-sent as lost."""
+    top_up: Callable[..., int] = queue.top_up,
+    due_after: timedelta | None = None,
+) -> dict[str, object]:
+    """One pass; returns the ids requeued as stale and how many dispatch messages it published
+    (`top_up(claimable, requeued=ids)` publishes them; tests pass their own)."""
     settings = get_settings()
-    if lost_after is None:
-        lost_after = timedelta(seconds=settings.reconcile_after)
+    if due_after is None:
+        due_after = timedelta(seconds=settings.reconcile_after)
     stale = db.call(
         jobs.requeue_stale_jobs,
         timeout_s=settings.heartbeat_timeout,
@@ -61,58 +59,28 @@ def reap_once(
         log.warning(
             "job %s: heartbeat older than %.0fs, requeued", job_id, settings.heartbeat_timeout
         )
-        enqueue(job_id)
-    lost: list[str] = []
-    waiting = db.call(_queued_before, datetime.now(UTC) - lost_after)
-    if waiting:
-        known = (ids_in_broker or _ids_in_broker)()
-        if known is not None:
-            lost = [job_id for job_id in waiting if job_id not in known and job_id not in stale]
-            for job_id in lost:
-                log.warning("job %s: queued but not in the broker, sent again", job_id)
-                enqueue(job_id)
-    return {"stale": list(stale), "lost": lost}
-
-
-def _queued_before(session, cutoff: datetime) -> list[str]:
-    query = select(Job.id).where(Job.status == JobStatus.QUEUED, Job.created_at < cutoff)
-    return list(session.scalars(query))
-
-
-def _ids_in_broker(recent_s: float = UNACKED_RECENT.total_seconds()) -> set[str] | None:
-    """Job ids of the ``run_job`` messages waiting in Redis, or delivered in the last
-    ``recent_s`` seconds and not yet acknowledged (a worker is about to claim them).
-
-    An older unacknowledged message of a queued job belongs to a worker that died: it would only
-    come back after the visibility timeout (days), so it does not count. None when the broker
-    cannot be read (then nothing is re-sent: better late than doubled).
-    """
-    import redis
-
-    address = redis_address(get_settings().broker_url)
-    if address is None:
-        return None
-    try:
-        client = redis.Redis.from_url(address, socket_timeout=5)
-        # kombu keeps a queue's messages of priority 0 in a list named after the queue, other
-        # priorities in "<queue>\x06\x16<priority>"; delivered, unacknowledged ones in the hash
-        # "unacked", with their delivery times in the sorted set "unacked_index".
-        raw: list[bytes] = []
-        for key in [QUEUE, *(f"{QUEUE}\x06\x16{p}" for p in range(1, 10))]:
-            raw.extend(client.lrange(key, 0, -1))
-        tags = client.zrangebyscore("unacked_index", time.time() - recent_s, "+inf")
-        unacked = client.hmget("unacked", tags) if tags else []
-    except redis.RedisError as error:
-        log.warning("cannot read the broker's queue: %s", error)
-        return None
-    ids = set(job_ids(raw))
-    for value in unacked:
+    due = db.call(_claimable_due, datetime.now(UTC) - due_after, stale)
+    published = 0
+    if due or stale:
         try:
-            message = json.loads(value)[0]
-        except (ValueError, IndexError, TypeError):
-            continue
-        ids.update(job_ids([json.dumps(message)]))
-    return ids
+            published = top_up(due, requeued=stale)
+        except Exception as error:  # noqa: BLE001 - the broker is down: the next pass tries again
+            log.warning("cannot publish dispatch messages (%d queued jobs): %s", due, error)
+        if published:
+            log.warning(
+                "%d queued jobs but too few dispatch messages in the broker: published %d",
+                due,
+                published,
+            )
+    return {"stale": list(stale), "published": published}
+
+
+def _claimable_due(session, cutoff: datetime, requeued: Sequence[str]) -> int:
+    """Claimable queued jobs created before `cutoff`, or among `requeued`."""
+    due = Job.created_at < cutoff
+    if requeued:
+        due = or_(due, Job.id.in_(list(requeued)))
+    return int(session.scalar(select(func.count()).select_from(Job).where(*CLAIMABLE, due)))
 
 
 def run_forever(stop: threading.Event) -> None:

@@ -1,11 +1,15 @@
 """Run one claimed job: start the trainer process, keep its heartbeat, stop it, record the end.
 
-``run(job_id)`` is what the Celery task calls. It claims the job with a conditional update (a
-duplicate delivery, or a job that is no longer queued, returns quietly) and then ``supervise``
-starts ``python -m worker.trainer JOB_ID`` in a new session, so that the trainer and its
-DataLoader workers form one process group that can be stopped together, and CUDA lives only
-there. While the trainer lives, the supervisor writes the job's heartbeat every
-``heartbeat_interval`` seconds and watches for a cancel request.
+``run(job_id)`` is what the Celery task calls. It claims the next job in the fair order
+(``jobstore.jobs.claim_next``, a conditional update; a message that finds nothing queued returns
+quietly), whichever job the message names, and then ``supervise``
+starts the trainer, ``python -m worker.trainer JOB_ID``, in a new session, so that the trainer
+and its DataLoader workers form one process group that can be stopped together, and CUDA lives
+only there. The trainer is forked by this process's trainer template (``worker.template``: torch
+imported once, CUDA never touched; restarted if it died), so a job starts in milliseconds rather
+than the seconds a fresh interpreter spends importing torch; it is spawned when the template
+cannot fork or ``trainer_template`` is off. While the trainer lives, the supervisor writes the
+job's heartbeat every ``heartbeat_interval`` seconds and watches for a cancel request.
 
 The supervisor alone writes a job's final state, from the trainer's exit code:
 
@@ -22,8 +26,8 @@ shutdown                   checkpoint the trainer wrote when told to stop
 anything, after the job    nothing: the reaper already gave the job to another attempt (this
 was taken away             one's heartbeats did not reach the database in time)
 anything else (signal,     requeued while ``attempt < max_attempts`` (the next attempt resumes
-OOM, crash)                from the newest checkpoint whose sha256 matches), else ``failed``;
-                           the error keeps the last 2 KB of the trainer's output
+OOM, crash, the template   from the newest checkpoint whose sha256 matches), else ``failed``;
+died under the trainer)    the error keeps the last 2 KB of the trainer's output
 =========================  =================================================================
 """
 
@@ -43,6 +47,7 @@ from pathlib import Path
 from jobstore import db, jobs
 from jobstore.settings import get_settings
 from jobstore.tables import JobStatus
+from worker.template import ForkedTrainer, TemplateError, TrainerTemplate
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +73,49 @@ def on_shutdown_signal(signum: int, frame: object) -> None:
     _shutdown_requested = True
 
 
-def run(job_id: str) -> str | None:
-    """Claim ``job_id`` and supervise it. Returns the final status, or None if not ours."""
+def run(job_id: str = "") -> str | None:
+    """Claim the next job in the fair order and supervise it; returns its final status, or None
+    when nothing was queued.
+
+    The message that called this carries ``job_id`` (the job whose submission or requeue sent
+    it), but it only means "a worker is wanted": the database decides which job runs
+    (`jobstore.jobs.claim_next`), so one owner's hundreds of jobs cannot keep a colleague's
+    waiting. After claiming, and again after finishing, the queue of dispatch messages is
+    topped up, so that other free workers wake for the jobs still queued and this one comes back
+    for the next."""
     settings = get_settings()
-    job = db.call(jobs.claim_job, job_id, worker=settings.worker_name)
-    if job is None:
-        log.info("job %s is not queued (already claimed, cancelled or finished): skipping", job_id)
+    if _shutdown_requested:
+        # This worker is stopping: a job claimed now would only be stopped and requeued.
+        log.info("message for job %s: worker shutting down, not claiming", job_id or "-")
+        _dispatch_more()
         return None
-    return supervise(job_id, attempt=job.attempt)
+    job = db.call(jobs.claim_next, worker=settings.worker_name)
+    if job is None:
+        log.info("message for job %s: nothing queued to claim", job_id or "-")
+        _dispatch_more()
+        return None
+    if job.id != job_id:
+        log.info(
+            "message for job %s: claimed job %s, next in the fair order", job_id or "-", job.id
+        )
+    _dispatch_more()
+    try:
+        return supervise(job.id, attempt=job.attempt)
+    finally:
+        _dispatch_more()
+
+
+def _dispatch_more() -> None:
+    """Top the broker's dispatch messages up to min(claimable jobs, dispatch_depth). Best effort:
+    a database or broker hiccup must not fail the task; the reaper tops up on its next pass."""
+    from jobstore.queue import top_up
+
+    try:
+        claimable = db.call(jobs.count_claimable, retry_for_s=0)
+        if claimable:
+            top_up(claimable)
+    except Exception as error:  # noqa: BLE001 - logged; the reaper covers it
+        log.warning("could not top up the dispatch messages: %s", error)
 
 
 @dataclass
@@ -92,6 +132,72 @@ def trainer_command(job_id: str) -> list[str]:
     return [sys.executable, "-m", "worker.trainer", job_id]
 
 
+# This process's trainer template (`worker.template`), and the pid that started it: a forked
+# process (a Celery pool process forked from the worker's parent) starts its own.
+_template: TrainerTemplate | None = None
+_template_owner: int | None = None
+# Set when a restarted template failed too: this process spawns its trainers from then on
+# rather than pay a template's start (seconds of imports) for every job.
+_template_failed_in: int | None = None
+
+
+def start_template() -> TrainerTemplate | None:
+    """This process's trainer template, started if it is not running (it imports in the
+    background; the first fork waits for it). None when the settings turn it off or it cannot
+    start: trainers are then spawned."""
+    global _template, _template_owner
+    if not get_settings().trainer_template or _template_failed_in == os.getpid():
+        return None
+    if _template is not None and _template_owner == os.getpid() and _template.alive():
+        return _template
+    if _template is not None and _template_owner == os.getpid():
+        _template.stop()  # dead: collect it and close our end
+    _template, _template_owner = TrainerTemplate(), os.getpid()
+    try:
+        _template.start()
+    except OSError as error:
+        log.warning("could not start the trainer template (%s): spawning trainers", error)
+        _template = None
+    return _template
+
+
+def stop_template() -> None:
+    global _template
+    if _template is not None and _template_owner == os.getpid():
+        _template.stop()
+    _template = None
+
+
+def start_trainer(job_id: str, log_file, command: list[str] | None = None):
+    """Start the trainer of ``job_id`` writing to ``log_file``: forked by the trainer template
+    (torch already imported: a small job starts in milliseconds instead of seconds), or spawned
+    as ``command`` (default ``trainer_command(job_id)``) when a command is given or the template
+    cannot fork (it is restarted once first). Returns a ``subprocess.Popen`` or a
+    ``worker.template.ForkedTrainer``: both have ``pid`` and ``wait(timeout)``."""
+    global _template_failed_in
+    if command is None:
+        for _ in range(2):
+            template = start_template()
+            if template is None:
+                break
+            try:
+                return template.fork(job_id, log_file.fileno())
+            except TemplateError as error:
+                log.warning("job %s: %s; restarting the template", job_id, error)
+                stop_template()  # a late fork of this request must not follow
+        else:
+            log.error("the trainer template fails: this worker spawns its trainers from now on")
+            _template_failed_in = os.getpid()
+    return subprocess.Popen(
+        command or trainer_command(job_id),
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 def supervise(job_id: str, *, attempt: int, command: list[str] | None = None) -> str | None:
     """Run the trainer (``command``, default ``trainer_command(job_id)``) for a claimed job until
     it exits, then record the outcome."""
@@ -105,14 +211,7 @@ def supervise(job_id: str, *, attempt: int, command: list[str] | None = None) ->
         log_file.write(f"\n=== attempt {attempt} ===\n".encode())
         log_file.flush()
         start_offset = log_file.tell()
-        trainer = subprocess.Popen(
-            command or trainer_command(job_id),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        trainer = start_trainer(job_id, log_file, command)
     log.info("job %s attempt %d: trainer pid %d", job_id, attempt, trainer.pid)
     stop: _Stop | None = None
     next_heartbeat = 0.0
@@ -234,6 +333,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def _describe_exit(returncode: int) -> str:
+    if returncode == ForkedTrainer.LOST:
+        return "lost with its template process (exit status unknown)"
     if returncode < 0:
         return f"killed by {signal.Signals(-returncode).name}"
     return f"exited with code {returncode}"

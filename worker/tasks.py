@@ -13,8 +13,10 @@ from worker.celery_app import app
 
 
 @app.task(name=RUN_JOB_TASK, ignore_result=True)
-def run_job(job_id: str) -> None:
-    """Claim and run one job; a duplicate delivery finds it claimed and returns quietly."""
+def run_job(job_id: str = "") -> None:
+    """Claim and run the next job in the fair order (not necessarily `job_id`, the job whose
+    submission sent this message: see `jobstore.queue`); a message that finds nothing queued
+    returns quietly."""
     supervisor.run(job_id)
 
 

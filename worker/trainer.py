@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from jobstore import db, jobs
+from jobstore.settings import get_settings
 from jobstore.tables import JobStatus
 from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, EXIT_SUCCEEDED, RESULT_FILE
 
@@ -38,7 +39,15 @@ _PR_SET_PDEATHSIG = 1
 
 
 class StoreCallback:
-    """Engine callback that writes one job's progress to the store."""
+    """Engine callback that writes one job's progress to the store.
+
+    Epoch metrics are held back until the next checkpoint and written with it, in one database
+    session, metrics first (and by ``flush`` when training ends, however it ends). So a
+    recorded checkpoint never has epochs the database lacks, and a crash loses only epochs after
+    the newest checkpoint, which the next attempt trains again and records (an upsert). With a
+    checkpoint per epoch (``checkpoint_interval`` 0) that is one transaction per epoch; with
+    sub-second epochs, one per interval.
+    """
 
     def __init__(self, job_id: str, *, stop_event: threading.Event, parent_pid: int) -> None:
         self.job_id = job_id
@@ -46,22 +55,23 @@ class StoreCallback:
         self.parent_pid = parent_pid
         self._cancel_checked_at = float("-inf")
         self._cancelled = False
+        self._pending: list[dict] = []
 
     def on_epoch_end(self, metrics: dict) -> None:
-        db.call(jobs.record_epoch, self.job_id, metrics)
+        self._pending.append(metrics)
+
+    def flush(self) -> None:
+        """Write the epochs held back."""
+        if self._pending:
+            db.call(_record_progress, self.job_id, self._pending)
+            self._pending = []
 
     def on_checkpoint(
         self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
     ) -> None:
-        db.call(
-            jobs.record_checkpoint,
-            self.job_id,
-            path=path,
-            epoch=epoch,
-            sha256=sha256,
-            size_bytes=size_bytes,
-            is_best=is_best,
-        )
+        checkpoint = dict(path=path, epoch=epoch, sha256=sha256, size_bytes=size_bytes)
+        db.call(_record_progress, self.job_id, self._pending, {**checkpoint, "is_best": is_best})
+        self._pending = []
 
     def on_checkpoint_removed(self, path: str) -> None:
         db.call(jobs.forget_checkpoint, self.job_id, path=path)
@@ -80,6 +90,15 @@ class StoreCallback:
             except Exception as error:  # noqa: BLE001 - the next poll asks again
                 log.warning("could not read the cancel flag: %s", error)
         return self._cancelled
+
+
+def _record_progress(
+    session, job_id: str, epochs: list[dict], checkpoint: dict | None = None
+) -> None:
+    """Epochs, then the checkpoint that covers them, in one session (with ``db.call``)."""
+    jobs.record_epochs(session, job_id, epochs)
+    if checkpoint is not None:
+        jobs.record_checkpoint(session, job_id, **checkpoint)
 
 
 def build_config(spec: dict[str, Any], *, job_id: str):
@@ -117,6 +136,28 @@ def _write_result(job_id: str, error: str) -> None:
     os.replace(tmp, path)
 
 
+def _init_source(job, config, *, resuming: bool) -> dict | None:
+    """Where this attempt's starting weights come from (`jumpout.engine.resolve_init_from`'s
+    record): for ``job:<id>`` that job's newest valid checkpoint (sha256 checked), else a file
+    under the data directory. A resumed attempt starts from its own checkpoint, so its record is
+    the earlier attempt's, kept in the job's environment."""
+    from jumpout.engine import resolve_init_from
+    from jumpout.spec import ConfigError
+
+    if config.init_from is None:
+        return None
+    if resuming:
+        return (job.environment or {}).get("init_from")
+    job_checkpoint = None
+    if config.init_from.startswith("job:"):
+        source_id = config.init_from.removeprefix("job:")
+        found = db.call(jobs.newest_valid_checkpoint, source_id)
+        if found is None:
+            raise ConfigError("init_from", f"job {source_id} has no valid checkpoint to start from")
+        job_checkpoint = found.path
+    return resolve_init_from(config, job_checkpoint=job_checkpoint)
+
+
 def train(job_id: str) -> int:
     """Train one attempt of ``job_id``; returns the exit code."""
     parent_pid = os.getppid()
@@ -129,6 +170,7 @@ def train(job_id: str) -> int:
 
     from jumpout.data import DatasetNotFoundError
     from jumpout.engine import NonFiniteLossError, fit, resolve_device
+    from jumpout.provenance import environment
     from jumpout.spec import ConfigError
 
     try:
@@ -142,14 +184,29 @@ def train(job_id: str) -> int:
     except (ConfigError, TypeError, ValueError) as error:
         _write_result(job_id, f"invalid job spec: {error}")
         return EXIT_FAILED
-    db.call(jobs.set_device, job_id, device=_describe_device(device))
     checkpoint = db.call(jobs.newest_valid_checkpoint, job_id)
     resume_from = checkpoint.path if checkpoint is not None else None
     if resume_from:
         log.info("resuming job %s from %s", job_id, resume_from)
+    try:
+        init_source = _init_source(job, config, resuming=resume_from is not None)
+    except ConfigError as error:
+        _write_result(job_id, f"invalid job spec: {error}")
+        return EXIT_FAILED
+    # What reproducing the job needs beyond its spec; this attempt's replaces an earlier one's.
+    provenance = environment(config, device=device, init_source=init_source)
+    db.call(
+        jobs.set_environment, job_id, environment=provenance, device=_describe_device(device)
+    )
     callback = StoreCallback(job_id, stop_event=stop_event, parent_pid=parent_pid)
     try:
-        result = fit(config, [callback], resume_from=resume_from)
+        result = fit(
+            config,
+            [callback],
+            resume_from=resume_from,
+            init_source=init_source,
+            checkpoint_every_s=get_settings().checkpoint_interval,
+        )
     except ConfigError as error:
         _write_result(job_id, f"invalid job spec: {error}")
         return EXIT_FAILED
@@ -167,6 +224,8 @@ def train(job_id: str) -> int:
             "submit a smaller batch_size or a smaller architecture",
         )
         return EXIT_FAILED
+    finally:
+        callback.flush()  # the epochs after the last checkpoint (none when it was the last)
     if result.stopped:
         return EXIT_STOPPED
     return EXIT_SUCCEEDED

@@ -137,6 +137,8 @@ def base_env(home: Path, database_url: str, broker_url: str, **extra: str) -> di
         JUMPOUT_REAPER_INTERVAL="2",
         JUMPOUT_HEARTBEAT_TIMEOUT="8",
         JUMPOUT_WORKER_NAME="it-worker",
+        # These tests kill trainers between sub-second epochs and count on a checkpoint per epoch.
+        JUMPOUT_CHECKPOINT_INTERVAL="0",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

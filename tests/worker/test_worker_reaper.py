@@ -1,15 +1,14 @@
-"""The reaper's pass (stale heartbeats, jobs the broker lost) and how it reads the broker."""
+"""The reaper's pass: stale heartbeats requeued, and the broker's dispatch messages topped up to
+min(claimable jobs, dispatch_depth) (a count, not a message per job: `jobstore.queue`)."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import update
 
-from jobstore import jobs
+from jobstore import jobs, queue
 from jobstore.settings import get_settings
 from jobstore.tables import Job
 from worker import reaper
@@ -33,44 +32,67 @@ def status(job_store, job_id: str) -> tuple[str, int]:
     return row.status, row.attempt
 
 
-def test_stale_running_job_is_requeued_and_sent(job_store):
-    job_id = make_job(job_store)
+class TopUp:
+    """Records each `top_up(claimable, requeued=...)` call; publishes `publishes` messages."""
+
+    def __init__(self, publishes: int = 1) -> None:
+        self.calls: list[tuple[int, list[str]]] = []
+        self.publishes = publishes
+
+    def __call__(self, claimable: int, *, requeued=()) -> int:
+        self.calls.append((claimable, list(requeued)))
+        return self.publishes
+
+
+def test_stale_running_job_is_requeued_and_a_message_published_at_once(job_store):
+    job_id = make_job(job_store)  # young: counted only because this pass requeued it
     job_store.call(jobs.claim_job, job_id, worker="gone")
     job_store.call(_set, job_id, heartbeat_at=datetime.now(UTC) - timedelta(hours=1))
-    sent: list[str] = []
-    result = reaper.reap_once(enqueue=sent.append, ids_in_broker=set)
-    assert result["stale"] == [job_id] and sent == [job_id]
+    top_up = TopUp()
+    result = reaper.reap_once(top_up=top_up)
+    assert result == {"stale": [job_id], "published": 1}
+    assert top_up.calls == [(1, [job_id])]
     assert status(job_store, job_id) == ("queued", 1)
 
 
-def test_fresh_heartbeat_is_left_alone(job_store):
+def test_fresh_heartbeat_is_left_alone_and_nothing_published(job_store):
     job_id = make_job(job_store)
     job_store.call(jobs.claim_job, job_id, worker="alive")
-    sent: list[str] = []
-    assert reaper.reap_once(enqueue=sent.append, ids_in_broker=set) == {"stale": [], "lost": []}
+    top_up = TopUp()
+    assert reaper.reap_once(top_up=top_up) == {"stale": [], "published": 0}
+    assert top_up.calls == []
     assert status(job_store, job_id) == ("running", 1)
 
 
-def test_old_queued_job_missing_from_the_broker_is_sent_again(job_store):
-    lost = make_job(job_store, age_s=300)
-    waiting = make_job(job_store, age_s=300)
-    recent = make_job(job_store)
-    sent: list[str] = []
-    result = reaper.reap_once(enqueue=sent.append, ids_in_broker=lambda: {waiting})
-    assert result["lost"] == [lost] and sent == [lost]
-    assert recent not in sent
-
-
-def test_unreadable_broker_sends_nothing(job_store):
+def test_only_jobs_queued_longer_than_reconcile_after_count(job_store):
+    # The API publishes right after its commit: a young queued job is not the reaper's yet.
+    make_job(job_store)
+    top_up = TopUp()
+    assert reaper.reap_once(top_up=top_up)["published"] == 0
+    assert top_up.calls == []
     make_job(job_store, age_s=300)
-    sent: list[str] = []
-    assert reaper.reap_once(enqueue=sent.append, ids_in_broker=lambda: None)["lost"] == []
-    assert sent == []
+    make_job(job_store, age_s=300)
+    running = make_job(job_store, age_s=300)
+    job_store.call(jobs.claim_job, running, worker="alive")
+    assert reaper.reap_once(top_up=top_up)["published"] == 1
+    assert top_up.calls == [(2, [])]
 
 
-def test_ids_in_broker_reads_celerys_messages_from_redis(job_store, monkeypatch):
-    """Against the local Redis (127.0.0.1:6379, a database of its own): a job sent by the API's
-    broker module is found in the queue."""
+def test_a_broker_that_cannot_be_reached_fails_only_the_publishing(job_store):
+    job_id = make_job(job_store)
+    job_store.call(jobs.claim_job, job_id, worker="gone")
+    job_store.call(_set, job_id, heartbeat_at=datetime.now(UTC) - timedelta(hours=1))
+
+    def unreachable(claimable, *, requeued=()):
+        raise ConnectionError("broker down")
+
+    assert reaper.reap_once(top_up=unreachable) == {"stale": [job_id], "published": 0}
+    assert status(job_store, job_id) == ("queued", 1)
+
+
+@pytest.fixture
+def broker(monkeypatch):
+    """The machine's Redis (127.0.0.1:6379), a database of its own, emptied before and after."""
     redis = pytest.importorskip("redis")
     url = "redis://127.0.0.1:6379/11"
     client = redis.Redis.from_url(url, socket_connect_timeout=2)
@@ -79,22 +101,27 @@ def test_ids_in_broker_reads_celerys_messages_from_redis(job_store, monkeypatch)
     except redis.RedisError:
         pytest.skip("no Redis on 127.0.0.1:6379")
     monkeypatch.setenv("JUMPOUT_BROKER_URL", url)
+    monkeypatch.setenv("JUMPOUT_DISPATCH_DEPTH", "2")
     get_settings.cache_clear()
-    from jobstore import queue
-
     client.flushdb()
-    try:
-        job_id = uuid.uuid4().hex
-        queue.enqueue_job(job_id)
-        assert job_id in reaper._ids_in_broker()
-        # Delivered but not acknowledged: kombu keeps it in the "unacked" hash, indexed by time.
-        raw = client.rpop("jobs")
-        client.hset("unacked", "tag", b"[" + raw + b', "jobs", "jobs"]')
-        client.zadd("unacked_index", {"tag": time.time()})
-        assert job_id in reaper._ids_in_broker()
-        # Delivered long ago to a worker that died: lost, as far as a queued job is concerned.
-        client.zadd("unacked_index", {"tag": time.time() - 3600})
-        assert job_id not in reaper._ids_in_broker()
-    finally:
-        client.flushdb()
-        queue._celery_app.cache_clear()
+    yield client
+    client.flushdb()
+
+
+def test_the_reaper_keeps_dispatch_depth_messages_in_redis(job_store, broker):
+    ids = [make_job(job_store, age_s=300) for _ in range(5)]
+    assert reaper.reap_once()["published"] == 2
+    assert broker.llen(queue.QUEUE) == 2
+    # Enough already: another pass publishes nothing.
+    assert reaper.reap_once()["published"] == 0
+    # A worker took one (it is in flight, not waiting): the next pass replaces it.
+    raw = broker.rpop(queue.QUEUE)
+    assert list(queue.job_ids([raw])) == [""]  # a dispatch message names no job
+    assert reaper.reap_once()["published"] == 1
+    assert broker.llen(queue.QUEUE) == 2
+    # One claimable job left and the queue emptied: one message is enough.
+    for job_id in ids[:4]:
+        job_store.call(jobs.claim_job, job_id, worker="w")
+    broker.delete(queue.QUEUE)
+    assert reaper.reap_once()["published"] == 1
+    assert broker.llen(queue.QUEUE) == 1
