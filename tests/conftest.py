@@ -7,8 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from jobstore import db
-
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -16,6 +14,10 @@ PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 def postgres_url() -> Iterator[str]:
     """A migrated database of its own on 127.0.0.1:5432, dropped at the end of the session
     (callers empty its tables between tests); skips when PostgreSQL does not answer."""
+    # Imported here: the library's tests, which need neither, also run where the service's
+    # packages are not installed (the GPU machine).
+    from jobstore import db
+
     psycopg = pytest.importorskip("psycopg")
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)

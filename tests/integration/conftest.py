@@ -254,6 +254,15 @@ class Stack:
 
         return self.wait_for(job_id, running, timeout=timeout)
 
+    def wait_attempt(self, job_id: str, attempt: int, *, timeout: float = 90.0) -> dict:
+        """Wait until attempt `attempt` has taken the job: running, or already over (a resumed
+        small job can finish between two polls)."""
+
+        def taken(job: dict) -> bool:
+            return job["attempt"] >= attempt and job["status"] != "queued"
+
+        return self.wait_for(job_id, taken, timeout=timeout)
+
     def epochs(self, job_id: str) -> list[int]:
         """The epochs of the job's metrics, in order, as the API serves them."""
         response = self.client.get(f"/v1/jobs/{job_id}/metrics")
