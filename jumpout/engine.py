@@ -576,39 +576,47 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
 
     policy = dataset_info(config.dataset).augmentation
     resident = _keep_data_on_device(device) and policy.batchable
-    train_set, test_set, info = load_dataset(
-        config.dataset,
-        config.data_dir or ".",
-        download=False,
-        # On the device path the augmentation runs on the GPU, so load plain tensors.
-        augment=config.augment and not resident,
-        train_size=config.train_size,
-        test_size=config.test_size,
-        # SVHN's extra split (the paper's train + extra); the spec refuses it elsewhere.
-        **({"extra": config.svhn_extra} if config.dataset == "svhn" else {}),
-    )
+
+    def load(augment: bool):
+        return load_dataset(
+            config.dataset,
+            config.data_dir or ".",
+            download=False,
+            augment=augment,
+            train_size=config.train_size,
+            test_size=config.test_size,
+            # SVHN's extra split (the paper's train + extra); the spec refuses it elsewhere.
+            **({"extra": config.svhn_extra} if config.dataset == "svhn" else {}),
+        )
+
+    # On the device path the augmentation runs on the GPU, so load plain tensors.
+    train_set, test_set, info = load(config.augment and not resident)
+    if resident:
+        size = (len(train_set) + len(test_set)) * train_set[0][0].numel() * 4
+        if size > _DEVICE_RESIDENT_MAX_BYTES:
+            # Too large for the device: the loader path, whose transforms augment.
+            resident = False
+            if config.augment:
+                train_set, test_set, info = load(True)
     data = _Data(train_set, test_set, info)
     if config.val_fraction > 0:
         data.split = _validation_split(train_set, config.val_fraction, config.seed)
     if resident:
-        sample = train_set[0][0]
-        size = (len(train_set) + len(test_set)) * sample.numel() * 4
-        if size <= _DEVICE_RESIDENT_MAX_BYTES:
-            data.resident = True
-            train_x, train_y = _stack_dataset(train_set, config.num_workers)
-            test_x, test_y = _stack_dataset(test_set, config.num_workers)
-            if data.split is not None:
-                train_index, val_index = data.split
-                data.val_x, data.val_y = train_x[val_index], train_y[val_index]
-                data.val_x, data.val_y = data.val_x.to(device), data.val_y.to(device)
-                train_x, train_y = train_x[train_index], train_y[train_index]
-            data.train_x, data.train_y = train_x.to(device), train_y.to(device)
-            data.test_x, data.test_y = test_x.to(device), test_y.to(device)
-            if config.augment:
-                data.padding, data.flip = policy.crop_padding, policy.flip
-            mean = torch.as_tensor(info.mean, dtype=torch.float32).flatten()
-            std = torch.as_tensor(info.std, dtype=torch.float32).flatten()
-            data.fill = (-mean / std).expand(train_x.shape[1]).to(device)
+        data.resident = True
+        train_x, train_y = _stack_dataset(train_set, config.num_workers)
+        test_x, test_y = _stack_dataset(test_set, config.num_workers)
+        if data.split is not None:
+            train_index, val_index = data.split
+            data.val_x, data.val_y = train_x[val_index], train_y[val_index]
+            data.val_x, data.val_y = data.val_x.to(device), data.val_y.to(device)
+            train_x, train_y = train_x[train_index], train_y[train_index]
+        data.train_x, data.train_y = train_x.to(device), train_y.to(device)
+        data.test_x, data.test_y = test_x.to(device), test_y.to(device)
+        if config.augment:
+            data.padding, data.flip = policy.crop_padding, policy.flip
+        mean = torch.as_tensor(info.mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(info.std, dtype=torch.float32).flatten()
+        data.fill = (-mean / std).expand(train_x.shape[1]).to(device)
     if not data.resident:
         random_steps = policy.crop_padding or policy.flip or policy.resized_crop
         data.random_augmentation = bool(config.augment and random_steps)

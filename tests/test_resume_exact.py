@@ -128,6 +128,16 @@ def test_workers_change_nothing_and_the_loader_path_is_really_augmented(cifar_di
     )
 
 
+def test_data_too_large_for_the_device_is_still_augmented(cifar_dir, tmp_path, monkeypatch):
+    # Loaded plain for the device path, then found too large to keep there: it used to train on
+    # the loader path without any augmentation. It must train as the loader path always does.
+    loader_path = fit(cifar_config(cifar_dir, tmp_path / "a", epochs=1))
+    monkeypatch.setattr(engine, "_keep_data_on_device", lambda device: True)
+    monkeypatch.setattr(engine, "_DEVICE_RESIDENT_MAX_BYTES", 1)
+    too_large = fit(cifar_config(cifar_dir, tmp_path / "b", epochs=1))
+    assert_same_weights(loader_path, too_large)
+
+
 def test_a_samples_augmentation_is_a_function_of_seed_epoch_and_index(cifar_dir, tmp_path):
     config = cifar_config(cifar_dir, tmp_path, val_fraction=0.0)
     loaded = engine._load_data(config, torch.device("cpu"))

@@ -195,9 +195,7 @@ def train(job_id: str) -> int:
         return EXIT_FAILED
     # What reproducing the job needs beyond its spec; this attempt's replaces an earlier one's.
     provenance = environment(config, device=device, init_source=init_source)
-    db.call(
-        jobs.set_environment, job_id, environment=provenance, device=_describe_device(device)
-    )
+    db.call(jobs.set_environment, job_id, environment=provenance, device=_describe_device(device))
     callback = StoreCallback(job_id, stop_event=stop_event, parent_pid=parent_pid)
     try:
         result = fit(
