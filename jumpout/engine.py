@@ -464,12 +464,16 @@ class _SeededAugmentation(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        outer = torch.get_rng_state()
-        torch.manual_seed(_stream_seed(self.seed, _AUGMENT_STREAM, self.epoch, index))
+        # The CPU generator only: `torch.manual_seed` would also reseed every CUDA generator,
+        # and with num_workers=0 (the main process, CUDA initialised) dropout's masks on the GPU
+        # would follow each batch's last sample's seed.
+        generator = torch.default_generator
+        outer = generator.get_state()
+        generator.manual_seed(_stream_seed(self.seed, _AUGMENT_STREAM, self.epoch, index))
         try:
             return self.dataset[index]
         finally:
-            torch.set_rng_state(outer)
+            generator.set_state(outer)
 
 
 def _dataset_labels(dataset: Any) -> torch.Tensor | None:

@@ -253,3 +253,17 @@ def test_the_neutral_fields_may_change(stopped_run, tmp_path):
     assert resumed.epochs_completed == 3
     assert_same_weights(full, resumed)
     assert load_checkpoint(resumed.last_checkpoint)["config"]["num_workers"] == 1
+
+
+def test_seeding_a_samples_augmentation_leaves_the_gpu_generators_alone(monkeypatch):
+    # With num_workers=0 the samples load in the main process, where dropout draws its GPU masks:
+    # reseeding the CUDA generators per sample would tie every mask to a sample's seed.
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    images = torch.utils.data.TensorDataset(torch.zeros(4, 3))
+    before = torch.get_rng_state()
+    sample = engine._SeededAugmentation(images, seed=1, epoch=2)[3]
+    assert torch.equal(sample[0], torch.zeros(3))
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), before)  # the CPU stream is put back too
