@@ -1,11 +1,11 @@
 """FastAPI dependencies, as `Annotated` aliases: `SessionDep`, `SettingsDep`, `TokenDep`,
-`BearerDep`."""
+`BearerDep`, and the cursor pages' query parameters `PageLimit`, `PageCursor`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -22,10 +22,18 @@ _bearer = HTTPBearer(auto_error=False, description="an API token: `python -m api
 # read routes that check it with `api.queries.principal` on their own connection.
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
+PageLimit = Annotated[int, Query(ge=1, le=100)]
+PageCursor = Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+def presented_token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The bearer token the request presented, if any (unchecked)."""
+    return credentials.credentials if credentials is not None else None
+
 
 def get_principal(session: SessionDep, credentials: BearerDep) -> Principal:
     """The caller (`api.auth.principal_for`: one rule for every route)."""
-    return authenticate(session, credentials.credentials if credentials is not None else None)
+    return authenticate(session, presented_token(credentials))
 
 
 TokenDep = Annotated[Principal, Depends(get_principal)]

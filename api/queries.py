@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import orjson
+from fastapi import Response
 from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.exc import DBAPIError
 
@@ -38,6 +39,15 @@ from jobstore.tables import METRIC_FIELDS, ApiToken, EpochMetric, Job, JobStatus
 T = TypeVar("T")
 
 JSON_OPTIONS = orjson.OPT_UTC_Z  # "2026-01-01T00:00:00Z", as pydantic writes UTC datetimes
+
+
+def json_response(body: bytes, status_code: int = 200, headers: dict | None = None) -> Response:
+    """A body these reads serialised already, as the response (the route's `response_model`
+    still documents it in the OpenAPI schema)."""
+    return Response(
+        content=body, status_code=status_code, media_type="application/json", headers=headers
+    )
+
 
 METRICS_CACHE_SIZE = 256  # jobs; a 200-epoch body is about 60 kB
 

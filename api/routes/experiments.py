@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from api import queries
-from api.deps import BearerDep, SessionDep, TokenDep
+from api.deps import BearerDep, PageCursor, PageLimit, SessionDep, TokenDep, presented_token
 from api.experiment_schemas import (
     ExperimentCreate,
     ExperimentRead,
@@ -43,16 +43,6 @@ def load_statistics() -> None:
     import scipy.stats  # noqa: F401
 
 
-def _json(body: bytes, status_code: int = 200, headers: dict | None = None) -> Response:
-    return Response(
-        content=body, status_code=status_code, media_type="application/json", headers=headers
-    )
-
-
-def _token(credentials) -> str | None:
-    return credentials.credentials if credentials is not None else None
-
-
 def _experiment_body(connection, experiment_id: str, principal) -> bytes:
     row = experiments.experiment_row(connection, experiment_id, principal)
     view = experiments.experiment_view(connection, row)
@@ -74,11 +64,11 @@ async def submit_experiment(body: ExperimentCreate, credentials: BearerDep):
     # event loop would stall every poll meanwhile (the SQLite write lock is taken only for the
     # inserts, after all of it).
     experiment_id, job_ids, content = await run_in_threadpool(
-        _store, request, priority, _token(credentials)
+        _store, request, priority, presented_token(credentials)
     )
     # Committed first; shielded, so a client that hangs up cannot stop the publishing half-way.
     await asyncio.shield(_publish(job_ids))
-    return _json(
+    return queries.json_response(
         content,
         status.HTTP_201_CREATED,
         headers={"Location": f"/v1/experiments/{experiment_id}"},
@@ -111,15 +101,15 @@ async def _publish(job_ids: list[str]) -> None:
 )
 async def list_experiments(
     credentials: BearerDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+    limit: PageLimit = 50,
+    cursor: PageCursor = None,
 ):
     def page(connection) -> bytes:
-        principal = queries.principal(connection, _token(credentials))
+        principal = queries.principal(connection, presented_token(credentials))
         body = experiments.experiments_page(connection, principal, limit=limit, cursor=cursor)
         return orjson.dumps(body, option=queries.JSON_OPTIONS)
 
-    return _json(queries.read(page))
+    return queries.json_response(queries.read(page))
 
 
 @router.get(
@@ -130,10 +120,10 @@ async def list_experiments(
 )
 async def read_experiment(experiment_id: str, credentials: BearerDep):
     def body(connection) -> bytes:
-        principal = queries.principal(connection, _token(credentials))
+        principal = queries.principal(connection, presented_token(credentials))
         return _experiment_body(connection, experiment_id, principal)
 
-    return _json(queries.read(body))
+    return queries.json_response(queries.read(body))
 
 
 @router.post(
@@ -146,7 +136,7 @@ async def read_experiment(experiment_id: str, credentials: BearerDep):
 def cancel_experiment(experiment_id: str, session: SessionDep, principal: TokenDep):
     experiments.request_experiment_cancel(session, experiment_id, principal=principal)
     content = queries.read(_experiment_body, experiment_id, principal)
-    return _json(content, status.HTTP_202_ACCEPTED)
+    return queries.json_response(content, status.HTTP_202_ACCEPTED)
 
 
 @router.get(
@@ -172,7 +162,7 @@ def read_experiment_report(
 ):
     # A plain def: a report not in the cache is built (scipy's bootstrap) in the thread pool.
     def body(connection) -> bytes:
-        principal = queries.principal(connection, _token(credentials))
+        principal = queries.principal(connection, presented_token(credentials))
         row = experiments.experiment_row(connection, experiment_id, principal)
         return _report_body(connection, row, report_format)
 

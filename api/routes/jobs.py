@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from api import queries
-from api.deps import BearerDep, SessionDep, TokenDep
+from api.deps import BearerDep, PageCursor, PageLimit, SessionDep, TokenDep, presented_token
 from api.schemas import (
     CheckpointRead,
     CheckpointsPage,
@@ -27,21 +27,14 @@ from jobstore import db, jobs, queue
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def _json(body: bytes) -> Response:
-    # The read routes return their body already serialised (`api.queries`); the response_model
-    # in each decorator still documents it in the OpenAPI schema.
-    return Response(content=body, media_type="application/json")
-
-
 def _read(credentials, body_of, *args, **kwargs) -> Response:
     """Check the caller's token and build a body on one read connection (`api.queries`)."""
 
     def run(connection) -> bytes:
-        token = credentials.credentials if credentials is not None else None
-        queries.principal(connection, token)
+        queries.principal(connection, presented_token(credentials))
         return body_of(connection, *args, **kwargs)
 
-    return _json(queries.read(run))
+    return queries.json_response(queries.read(run))
 
 
 @router.post(
@@ -52,7 +45,7 @@ def _read(credentials, body_of, *args, **kwargs) -> Response:
     responses=error_responses(400, 401, 413, 422, 429),
 )
 async def submit_job(body: JobCreate, credentials: BearerDep):
-    token = credentials.credentials if credentials is not None else None
+    token = presented_token(credentials)
     spec = body.model_dump(exclude_unset=True)
     if db.is_sqlite():
         # A local write of about a millisecond behind the fair write lock (jobstore.db): done
@@ -65,11 +58,8 @@ async def submit_job(body: JobCreate, credentials: BearerDep):
     # The row is committed first; if the broker is down the job stays queued for the reaper.
     # Shielded: a client that hangs up after the commit must not cancel the publish.
     await asyncio.shield(queue.try_enqueue(job_id))
-    return Response(
-        content=content,
-        status_code=status.HTTP_201_CREATED,
-        media_type="application/json",
-        headers={"Location": f"/v1/jobs/{job_id}"},
+    return queries.json_response(
+        content, status.HTTP_201_CREATED, headers={"Location": f"/v1/jobs/{job_id}"}
     )
 
 
@@ -96,8 +86,8 @@ async def list_jobs(
     experiment_id: Annotated[
         str | None, Query(pattern=r"^[0-9a-f]{32}$", description="only this experiment's jobs")
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+    limit: PageLimit = 50,
+    cursor: PageCursor = None,
 ):
     # async and no threadpool hop: these reads take well under a millisecond (api.queries).
     return _read(
