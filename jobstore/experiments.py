@@ -58,10 +58,6 @@ from jobstore.tables import (
 from jumpout.experiment import ExperimentError, ExperimentPlan, plan_experiment
 from jumpout.spec import TrainConfig
 
-# What a report averages per dropout slot over a run's epochs (the paper's Figure 1 and the
-# cap diagnostic); the drift fields are Figure 3's, measured on a probe batch, and kept too.
-REPORT_LAYER_FIELDS = LAYER_FIELDS
-
 
 class ExperimentNotFound(NotFound, LookupError):
     code = "experiment_not_found"
@@ -481,41 +477,11 @@ def _stamp(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
-def mean_layers(epochs_layers: Iterable[list[dict[str, Any]] | None]) -> list[dict[str, Any]]:
-    """Per dropout slot (in the order the slots first appear), the mean of each of
-    `REPORT_LAYER_FIELDS` over the epochs that measured it (None where none did). The stored
-    values are finite or null already (`jobstore.jobs.metric_row`)."""
-    width = len(REPORT_LAYER_FIELDS)
-    # name -> the sums of the fields, then how many epochs measured each.
-    slots: dict[str, list[float]] = {}
-    for layers in epochs_layers:
-        for layer in layers or ():
-            name = str(layer.get("name"))
-            totals = slots.get(name)
-            if totals is None:
-                totals = slots[name] = [0.0] * (2 * width)
-            for index, field in enumerate(REPORT_LAYER_FIELDS):
-                value = layer.get(field)
-                if value is not None:
-                    totals[index] += value
-                    totals[width + index] += 1
-    return [
-        {
-            "name": name,
-            **{
-                field: totals[index] / totals[width + index] if totals[width + index] else None
-                for index, field in enumerate(REPORT_LAYER_FIELDS)
-            },
-        }
-        for name, totals in slots.items()
-    ]
-
-
 def run_outcomes(connection: Connection, experiment_id: str) -> list[Any]:
     """Every job of the experiment as a `jumpout.report.RunOutcome`: its row, seed, status, final
     test accuracy (succeeded jobs only) and, for a succeeded job, its dropout slots averaged over
     its epochs."""
-    from jumpout.report import RunOutcome
+    from jumpout.report import RunOutcome, mean_layers
 
     if connection.dialect.name == "postgresql":
         layers_of = _mean_layers_in_postgres(connection, experiment_id)
@@ -541,14 +507,14 @@ def run_outcomes(connection: Connection, experiment_id: str) -> list[Any]:
     return outcomes
 
 
-# The same means as `mean_layers`, computed by PostgreSQL: unnesting the JSONB there is a third
-# of the time of sending 4,800 epochs' layers as text and averaging them here (SQLite's JSON
-# functions are slower than Python's loop, so SQLite keeps that).
+# The same means as `jumpout.report.mean_layers`, computed by PostgreSQL: unnesting the JSONB
+# there is a third of the time of sending 4,800 epochs' layers as text and averaging them here
+# (SQLite's JSON functions are slower than Python's loop, so SQLite keeps that).
 _PG_MEAN_LAYERS = text(
     f"""
     SELECT m.job_id, slot.value ->> 'name' AS name, min(slot.position) AS position,
            {", ".join(f"avg((slot.value ->> '{field}')::float8) AS {field}"
-                      for field in REPORT_LAYER_FIELDS)}
+                      for field in LAYER_FIELDS)}
     FROM epoch_metrics AS m
     JOIN jobs AS j ON j.id = m.job_id
     CROSS JOIN LATERAL jsonb_array_elements(m.layers) WITH ORDINALITY AS slot(value, position)
@@ -565,7 +531,7 @@ def _mean_layers_in_postgres(connection: Connection, experiment_id: str) -> dict
         layers_of[row.job_id].append(
             {
                 "name": row.name,
-                **{field: getattr(row, field) for field in REPORT_LAYER_FIELDS},
+                **{field: getattr(row, field) for field in LAYER_FIELDS},
             }
         )
     return layers_of

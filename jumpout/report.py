@@ -307,9 +307,8 @@ def _paper(row: Row, plan: ExperimentPlan) -> float | None:
 def mean_layers(layer_lists: Iterable[list[dict[str, Any]] | None]) -> list[dict[str, Any]]:
     """Per dropout slot, the mean of each numeric statistic over several lists of slots (a run's
     epochs, or a row's runs); slots in the order first seen, a statistic over the lists that have
-    it. The engine's epoch ``layers`` and `RunOutcome.layers` have this shape."""
-    import numpy as np
-
+    it (a statistic no list has is left out). The engine's epoch ``layers``, the stored epochs'
+    and `RunOutcome.layers` have this shape. Plain sums: it runs per job for a whole report."""
     slots: dict[str, dict[str, list[float]]] = {}
     for layers in layer_lists:
         for position, layer in enumerate(layers or ()):
@@ -317,9 +316,11 @@ def mean_layers(layer_lists: Iterable[list[dict[str, Any]] | None]) -> list[dict
             fields = slots.setdefault(name, {})
             for field, value in layer.items():
                 if field != "name" and _is_number(value):
-                    fields.setdefault(field, []).append(float(value))
+                    totals = fields.setdefault(field, [0.0, 0])
+                    totals[0] += float(value)
+                    totals[1] += 1
     return [
-        {"name": name, **{field: float(np.mean(got)) for field, got in fields.items()}}
+        {"name": name, **{field: total / count for field, (total, count) in fields.items()}}
         for name, fields in slots.items()
     ]
 
