@@ -43,17 +43,10 @@ import httpx
 from _local import checkout_environment, free_port
 from _machine import host_name
 
+from jumpout.spec import ABLATIONS
+
 REPO = Path(__file__).resolve().parents[1]
-ROWS = (
-    "dropout",
-    "dropout+I",
-    "dropout+II",
-    "dropout+III",
-    "dropout+I+II",
-    "dropout+II+III",
-    "dropout+I+III",
-    "jumpout",
-)
+ROWS = ABLATIONS  # the eight Table-1 rows
 FINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 0.02
 

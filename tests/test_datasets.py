@@ -210,8 +210,8 @@ def svhn_images(values: list[int]) -> np.ndarray:
     return x
 
 
-def test_svhn_extra_is_concatenated_after_train(tmp_path, monkeypatch):
-    root = tmp_path / "svhn"
+def write_svhn_with_extra(root, monkeypatch) -> None:
+    """train: red 10, 20 (labels 1, 2); test: 30, 40 (3, 4); extra: 50, 60, 70 (10, 5, 6)."""
     write_svhn(
         root,
         {
@@ -221,6 +221,11 @@ def test_svhn_extra_is_concatenated_after_train(tmp_path, monkeypatch):
         },
         monkeypatch,
     )
+
+
+def test_svhn_extra_is_concatenated_after_train(tmp_path, monkeypatch):
+    root = tmp_path / "svhn"
+    write_svhn_with_extra(root, monkeypatch)
 
     train, test, info = load_dataset("svhn", tmp_path, augment=False, extra=True)
 
@@ -266,15 +271,7 @@ def test_engine_loads_extra_when_the_spec_says_so(tmp_path, monkeypatch):
     from jumpout.spec import resolve_config
 
     root = tmp_path / "svhn"
-    write_svhn(
-        root,
-        {
-            "train": (svhn_images([10, 20]), [1, 2]),
-            "test": (svhn_images([30, 40]), [3, 4]),
-            "extra": (svhn_images([50, 60, 70]), [10, 5, 6]),
-        },
-        monkeypatch,
-    )
+    write_svhn_with_extra(root, monkeypatch)
     for extra, expected in ((True, 5), (False, 2)):
         config = resolve_config(
             "svhn", "cnn_small", data_dir=str(tmp_path), device="cpu", svhn_extra=extra
