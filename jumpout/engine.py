@@ -759,7 +759,8 @@ def _probe_images(run: _Run) -> torch.Tensor:
     from jumpout.data import without_augmentation
 
     plain = without_augmentation(data.train_set, data.info)
-    return torch.stack([torch.as_tensor(plain[i][0]) for i in index.tolist()])
+    # Moved once: the probe is used twice an epoch.
+    return torch.stack([torch.as_tensor(plain[i][0]) for i in index.tolist()]).to(run.device)
 
 
 def _slot_moments(run: _Run, slots: list[nn.Module], images: torch.Tensor) -> torch.Tensor:
@@ -775,8 +776,7 @@ def _slot_moments(run: _Run, slots: list[nn.Module], images: torch.Tensor) -> to
             values = output.detach().double()
             dims = [d for d in range(values.dim()) if d != 1] if values.dim() > 1 else [0]
             moments = [values.sum(dims), values.square().sum(dims)]
-            count = values.numel() // moments[0].numel()
-            moments.append(torch.full_like(moments[0], count))
+            moments.append(values.numel() // moments[0].numel())  # the count, a Python int
             if sums[position] is None:
                 sums[position] = moments
             else:
@@ -844,7 +844,8 @@ def _measure_drift(run: _Run) -> list[tuple[float | None, float | None]] | None:
                 setattr(slot, name, value)
         run.model.train(was_training)
     drifts = []
-    for train_row, eval_row in zip(training.tolist(), evaluation.tolist(), strict=True):
+    training_rows, evaluation_rows = torch.stack((training, evaluation)).tolist()  # one sync
+    for train_row, eval_row in zip(training_rows, evaluation_rows, strict=True):
         # Undefined where the slot's output is (nearly) all zero in evaluation mode.
         drifts.append(
             tuple(

@@ -320,8 +320,10 @@ class Jumpout(nn.Module):
         # p' "reached the cap": the clamp makes a capped rate exactly max_rate. Per sample this
         # is the fraction of samples at the cap; one compare and (at most) one mean, no sync.
         # Without modification II no cap is applied, so none is reached.
-        at_cap = applied_rate >= self.max_rate if self.adaptive else torch.zeros_like(applied_rate)
-        self.last_capped_fraction = _batch_mean(at_cap.float())
+        if self.adaptive:
+            self.last_capped_fraction = _batch_mean((applied_rate >= self.max_rate).float())
+        else:
+            self.last_capped_fraction = applied_rate.new_zeros(())
         return output
 
     def extra_repr(self) -> str:
