@@ -284,6 +284,24 @@ async def try_enqueue(job_id: str) -> bool:
     return True
 
 
+async def try_enqueue_all(job_ids: Sequence[str]) -> bool:
+    """`try_enqueue` for several jobs committed together (an experiment's): a message per job
+    until the broker's queue is full (on Redis `dispatch_depth` messages; the workers top it up as
+    they claim, so publishing more would only be refused), and on a failure none after it (waiting
+    out the timeout once per job would hold the request for minutes; the reaper publishes later).
+    False only on a failure."""
+    for job_id in job_ids:
+        try:
+            if not await enqueue_job_async(job_id):
+                return True  # full: the waiting messages will claim the rest in their turn
+        except Exception as exc:  # any broker/transport error; the rows are the source of truth
+            logger.warning(
+                "jobs from %s on stay queued: could not reach the broker (%s)", job_id, exc
+            )
+            return False
+    return True
+
+
 def warm_up() -> None:
     """Import the asyncio Redis client at start-up rather than in the first submission."""
     import redis.asyncio  # noqa: F401

@@ -155,3 +155,23 @@ def test_a_broker_whose_queue_cannot_be_measured_gets_one_message_per_requeued_j
     finally:
         get_settings.cache_clear()
     assert sent == ["a" * 32, "b" * 32]
+
+
+def test_publishing_an_experiments_jobs_stops_when_the_queue_is_full(broker, monkeypatch):
+    # An experiment's 50 jobs: on Redis only dispatch_depth messages can wait, so the rest are
+    # not even tried (the workers top the queue up as they claim).
+    import asyncio
+
+    tried = []
+    publish = queue.enqueue_job_async
+
+    async def counting(job_id):
+        tried.append(job_id)
+        return await publish(job_id)
+
+    monkeypatch.setattr(queue, "enqueue_job_async", counting)
+    ids = [f"{n:032x}" for n in range(50)]
+    assert asyncio.run(queue.try_enqueue_all(ids))
+    depth = queue.dispatch_depth()
+    assert broker.llen(queue.QUEUE) == depth
+    assert tried == ids[: depth + 1]  # the last one found the queue full

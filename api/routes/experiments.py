@@ -67,7 +67,7 @@ async def submit_experiment(body: ExperimentCreate, credentials: BearerDep):
         _store, request, priority, presented_token(credentials)
     )
     # Committed first; shielded, so a client that hangs up cannot stop the publishing half-way.
-    await asyncio.shield(_publish(job_ids))
+    await asyncio.shield(queue.try_enqueue_all(job_ids))
     return queries.json_response(
         content,
         status.HTTP_201_CREATED,
@@ -82,15 +82,6 @@ def _store(request: dict, priority: int, token: str | None) -> tuple[str, list[s
             session, request=request, owner_id=principal.id, priority=priority
         )
     return experiment_id, job_ids, queries.read(_experiment_body, experiment_id, principal)
-
-
-async def _publish(job_ids: list[str]) -> None:
-    """Send each job to the broker, as a single submission does (`queue.try_enqueue`). The first
-    failure ends it: the broker is down or hung, and waiting out its timeout once per job would
-    hold the request for minutes; the jobs left are queued rows the reaper sends later."""
-    for job_id in job_ids:
-        if not await queue.try_enqueue(job_id):
-            break
 
 
 @router.get(

@@ -82,11 +82,15 @@ def enqueued(monkeypatch) -> list[str]:
     """The job ids the API sent to the broker (nothing reaches a real broker)."""
     calls: list[str] = []
 
-    async def record(job_id: str) -> None:
+    def record(job_id: str) -> bool:
         calls.append(job_id)
+        return True  # published: a broker whose queue is never full
 
-    monkeypatch.setattr(queue, "enqueue_job", calls.append)
-    monkeypatch.setattr(queue, "enqueue_job_async", record)
+    async def record_async(job_id: str) -> bool:
+        return record(job_id)
+
+    monkeypatch.setattr(queue, "enqueue_job", record)
+    monkeypatch.setattr(queue, "enqueue_job_async", record_async)
     return calls
 
 
