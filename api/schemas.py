@@ -142,11 +142,19 @@ class QueuePosition(BaseModel):
 
 
 class JobResult(BaseModel):
-    """The headline is the final test accuracy (as in the paper's tables). The best epoch is
-    chosen on the validation split and is null without one; its test accuracy is given beside it,
-    never a maximum over test accuracies."""
+    """The headline is the final test accuracy (as in the paper's tables), given once the job
+    has succeeded; `latest_accuracy` follows a job while it runs. The best epoch is chosen on
+    the validation split and is null without one; its test accuracy is given beside it, never a
+    maximum over test accuracies."""
 
-    final_accuracy: float | None
+    final_accuracy: float | None = Field(
+        description="the last epoch's test accuracy, once the job has succeeded; null before "
+        "(and for a failed or cancelled job: see latest_accuracy)"
+    )
+    latest_accuracy: float | None = Field(
+        description="the newest recorded epoch's test accuracy, whatever the status; null "
+        "before the first epoch"
+    )
     best_val_accuracy: float | None
     best_epoch: int | None
     test_accuracy_at_best: float | None
@@ -159,9 +167,16 @@ _JOB_TYPES = {
 } | {"status": JobStatus, "method": Method}
 
 
+_COLUMN_DESCRIPTIONS = {
+    "spec": "the spec as resolved (recipe defaults filled), showing only the fields the job's "
+    "method and model read (jumpout.spec.applicable_fields) and none of the server's paths",
+}
+
+
 def _column_field(column) -> tuple[Any, Any]:
     annotation = _JOB_TYPES[column.name]
-    return (annotation | None if column.nullable else annotation), ...
+    annotation = annotation | None if column.nullable else annotation
+    return annotation, Field(description=_COLUMN_DESCRIPTIONS.get(column.name))
 
 
 class _JobReadBase(BaseModel):
@@ -250,13 +265,16 @@ class ErrorBody(BaseModel):
 ERROR_DESCRIPTIONS = {
     400: "The request body is not valid JSON",
     401: "Missing, invalid or revoked API token",
-    403: "The token may not do this (only the job's owner or an admin may cancel it)",
+    403: "The token may not do this (only the job's owner or an admin may cancel or retry it)",
     404: "No such job or checkpoint",
-    409: "Conflict: the job has already finished, or the checkpoint file is corrupted or refused",
+    409: "Conflict: the job has already finished (or, for a retry, has not failed or been "
+    "cancelled), or the checkpoint file is corrupted or refused",
     410: "The checkpoint file no longer exists",
     413: "The request body exceeds max_request_bytes",
     422: "A field is invalid, unknown or over a server limit; `fields` names each one",
     429: "The token already has max_queued_per_token queued jobs",
+    507: "The server's disk is full (code storage_full): nothing was stored; the operator must "
+    "free space (GET /v1/health shows it)",
 }
 
 
@@ -267,7 +285,23 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+class VolumeRead(BaseModel):
+    """Free space of one filesystem the service writes to (`jobstore.storage.volumes`)."""
+
+    name: str = Field(description="its role: home, artifacts or database (never a path)")
+    free_bytes: int
+    total_bytes: int
+    low: bool = Field(description="below the server's min_free_bytes")
+
+
 class Health(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        "ok",
+        description="unavailable: the database or the broker does not answer (status code "
+        "503); degraded: they do, but a filesystem the service writes to has less than "
+        "min_free_bytes free (writes may soon fail with 507); ok otherwise",
+    )
     database: str
     broker: str
     workers: int
+    storage: list[VolumeRead] = Field(default_factory=list)

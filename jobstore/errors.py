@@ -99,6 +99,20 @@ class TooManyQueued(ServiceError):
     code = "too_many_queued_jobs"
 
 
+class JobNotRetryable(Conflict):
+    """Only a failed or cancelled job can be retried."""
+
+    code = "job_not_retryable"
+
+
+class StorageFull(ServiceError):
+    """A write failed because the server's disk (or the database's storage) is full: 507, and
+    nothing was stored (`jobstore.storage.is_disk_full`)."""
+
+    status_code = 507
+    code = "storage_full"
+
+
 class TokenError(ServiceError):
     """A token-management error (the CLI prints these)."""
 

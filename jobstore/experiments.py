@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from jobstore import jobs
 from jobstore.errors import FieldError, InvalidSpec, NotFound
+from jobstore.idempotency import IdempotentRequest, remember
 from jobstore.settings import get_settings
 from jobstore.tables import (
     FINAL_STATUSES,
@@ -124,7 +125,12 @@ def _row_field(request: dict[str, Any], plan: ExperimentPlan, label: str, field:
 
 
 def create_experiment(
-    session: Session, *, request: dict[str, Any], owner_id: int | None, priority: int = 0
+    session: Session,
+    *,
+    request: dict[str, Any],
+    owner_id: int | None,
+    priority: int = 0,
+    idempotency: IdempotentRequest | None = None,
 ) -> tuple[str, list[str]]:
     """Plan `request`, resolve every run as a job spec (recipe defaults, this server's operator
     fields and limits: `jobstore.jobs.resolve_job_spec`), and store the experiment and all its
@@ -132,7 +138,11 @@ def create_experiment(
     order); the caller enqueues the jobs after this commits.
 
     Raises `InvalidSpec` naming the field, and for a run over this server's limits the row (each
-    row and field once, whichever seed), before anything is written."""
+    row and field once, whichever seed), before anything is written.
+
+    `idempotency`: the request's `Idempotency-Key`, stored in the same transaction
+    (`jobstore.idempotency.remember`); a concurrent request that stored it first makes this raise
+    `sqlalchemy.exc.IntegrityError`, with nothing written."""
     plan = plan_request(request)
     experiment_id = new_job_id()
     values: list[dict[str, Any]] = []
@@ -175,6 +185,8 @@ def create_experiment(
             jobs.check_init_from(session, config, owner_id=owner_id, is_admin=is_admin)
 
     connection = session.connection()
+    if idempotency is not None:
+        remember(connection, idempotency, resource_kind="experiment", resource_id=experiment_id)
     connection.execute(
         _INSERT_EXPERIMENT,
         {

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from jobstore import fairshare
+from jobstore import datasets, fairshare
 from jobstore.errors import (
     CheckpointGone,
     CheckpointNotFound,
@@ -47,8 +48,10 @@ from jobstore.errors import (
     InvalidSpec,
     JobFinished,
     JobNotFound,
+    JobNotRetryable,
     TooManyQueued,
 )
+from jobstore.idempotency import IdempotentRequest, remember
 from jobstore.settings import get_settings
 from jobstore.tables import (
     FINAL_STATUSES,
@@ -63,7 +66,14 @@ from jobstore.tables import (
     new_job_id,
     utcnow,
 )
-from jumpout.spec import REQUIRED, ConfigError, TrainConfig, resolve_config
+from jumpout.spec import (
+    REQUIRED,
+    SERVER_PATH_FIELDS,
+    ConfigError,
+    TrainConfig,
+    applicable_fields,
+    resolve_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +84,12 @@ JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
 def create_job(
-    session: Session, *, spec: dict[str, Any], owner_id: int | None, priority: int = 0
+    session: Session,
+    *,
+    spec: dict[str, Any],
+    owner_id: int | None,
+    priority: int = 0,
+    idempotency: IdempotentRequest | None = None,
 ) -> Job:
     """Resolve `spec` (dataset, architecture and overrides) with the recipe defaults and store a
     queued job owned by `owner_id` (None: anonymous). The caller enqueues it after this commits.
@@ -85,6 +100,10 @@ def create_job(
     value or a value is over this server's limits, `TooManyQueued` when the owner already has
     `max_queued_per_token` queued jobs (of its own: an experiment's jobs are bounded by
     `max_experiment_jobs` instead and do not count here).
+
+    `idempotency`: the request's `Idempotency-Key`, stored in the same transaction as the job
+    (`jobstore.idempotency.remember`); a concurrent request that stored it first makes this raise
+    `sqlalchemy.exc.IntegrityError`, with nothing written.
     """
     settings = get_settings()
     job_id = new_job_id()
@@ -115,6 +134,8 @@ def create_job(
             "(max_queued_per_token): wait for some to start or cancel them"
         )
     values = job_values(job_id, config, owner_id=owner_id, priority=priority)
+    if idempotency is not None:
+        remember(connection, idempotency, resource_kind="job", resource_id=job_id)
     # A Core INSERT: the ORM's unit of work cost 2 ms of the submit route's CPU for one row.
     connection.execute(INSERT_JOB, values)
     session.commit()
@@ -162,6 +183,8 @@ def resolve_job_spec(spec: dict[str, Any], *, job_id: str) -> TrainConfig:
             f"invalid value for: {exc.field}", fields=[FieldError(exc.field, exc.message)]
         ) from None
     _check_server_limits(config, given=spec)
+    # The data set's files on this server and the size caps: refused now, not 5 s into the job.
+    datasets.check_trainable(config)
     return config
 
 
@@ -294,29 +317,48 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         ) from None
 
 
+Filter = str | Sequence[str] | None
+"""A list filter: one value, several (any of them matches) or None (no filter)."""
+
+
+def _values(value: Filter) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def filter_jobs(
     query: Select,
     *,
-    status: str | None = None,
-    method: str | None = None,
-    dataset: str | None = None,
+    status: Filter = None,
+    method: Filter = None,
+    dataset: Filter = None,
     owner_id: int | None = None,
-    experiment_id: str | None = None,
+    owner: Filter = None,
+    experiment_id: Filter = None,
     cursor: str | None = None,
 ) -> Select:
     """Newest first, filtered, from the cursor on: keyset pagination on (created_at, id), so
-    pages stay stable while jobs are being submitted. Shared by the ORM and the fast read path."""
+    pages stay stable while jobs are being submitted. Shared by the ORM and the fast read path.
+
+    Each filter takes one value or several: a job matches when its field has any of a filter's
+    values, and every filter given (OR within a field, AND across fields). `owner` is token
+    names; `owner_id` one token's id."""
     query = query.order_by(Job.created_at.desc(), Job.id.desc())
-    if experiment_id is not None:
-        query = query.where(Job.experiment_id == experiment_id)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if method is not None:
-        query = query.where(Job.method == method)
-    if dataset is not None:
-        query = query.where(Job.dataset == dataset)
+    for column, value in (
+        (Job.experiment_id, experiment_id),
+        (Job.status, status),
+        (Job.method, method),
+        (Job.dataset, dataset),
+    ):
+        values = _values(value)
+        if values is not None:
+            query = query.where(column.in_(values))
     if owner_id is not None:
         query = query.where(Job.owner_id == owner_id)
+    owners = _values(owner)
+    if owners is not None:
+        query = query.where(Job.owner_id.in_(select(ApiToken.id).where(ApiToken.name.in_(owners))))
     if cursor:
         created, last_id = _decode_cursor(cursor)
         query = query.where(
@@ -328,17 +370,26 @@ def filter_jobs(
 def list_jobs(
     session: Session,
     *,
-    status: str | None = None,
-    method: str | None = None,
-    dataset: str | None = None,
+    status: Filter = None,
+    method: Filter = None,
+    dataset: Filter = None,
     owner_id: int | None = None,
+    owner: Filter = None,
+    experiment_id: Filter = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    """Jobs newest first, filtered; returns (page, next_cursor or None). Keyset pagination on
-    (created_at, id), so pages stay stable while jobs are being submitted."""
+    """Jobs newest first, filtered (`filter_jobs`); returns (page, next_cursor or None). Keyset
+    pagination on (created_at, id), so pages stay stable while jobs are being submitted."""
     query = filter_jobs(
-        select(Job), status=status, method=method, dataset=dataset, owner_id=owner_id, cursor=cursor
+        select(Job),
+        status=status,
+        method=method,
+        dataset=dataset,
+        owner_id=owner_id,
+        owner=owner,
+        experiment_id=experiment_id,
+        cursor=cursor,
     )
     jobs = list(session.scalars(query.limit(limit + 1)).unique())
     session.commit()
@@ -377,6 +428,89 @@ def get_checkpoint(session: Session, job_id: str, checkpoint_id: int) -> Checkpo
     if row is None or row.job_id != job_id:
         raise CheckpointNotFound(f"job {job_id!r} has no checkpoint with id {checkpoint_id}")
     return row
+
+
+# Checkpoints by a name a person can guess (`latest`, `best`, `epoch/<n>`), besides their ids,
+# which count across all jobs and are pruned with their files.
+
+
+def _job_checkpoints(session: Session, job_id: str) -> tuple[Job, list[Checkpoint]]:
+    """The job and its checkpoints, newest first (epoch, then write time, then id)."""
+    job = get_job(session, job_id)
+    return job, _checkpoints_newest_first(session, job_id)
+
+
+def _checkpoints_newest_first(session: Session, job_id: str) -> list[Checkpoint]:
+    """The job's checkpoint records, newest first (epoch, then write time, then id)."""
+    rows = list(
+        session.scalars(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(Checkpoint.epoch.desc(), Checkpoint.created_at.desc(), Checkpoint.id.desc())
+        )
+    )
+    session.commit()
+    return rows
+
+
+def latest_checkpoint(session: Session, job_id: str) -> Checkpoint:
+    """The job's newest checkpoint (a stop in the middle of an epoch writes one after the
+    previous epoch's); raises `JobNotFound`, or `CheckpointNotFound` when it has none yet."""
+    job, rows = _job_checkpoints(session, job_id)
+    if not rows:
+        raise CheckpointNotFound(
+            f"job {job_id} has no checkpoint yet (status {job.status}, {job.epoch} epochs "
+            "done): one is written after an epoch"
+        )
+    return rows[0]
+
+
+def best_checkpoint(session: Session, job_id: str) -> Checkpoint:
+    """The checkpoint of the job's validation-best epoch (marked `is_best`). Raises
+    `CheckpointNotFound` saying why there is none: no validation split (so no best epoch), its
+    file not kept (`keep_best` false), or no epoch finished yet."""
+    job, rows = _job_checkpoints(session, job_id)
+    best = next((row for row in rows if row.is_best), None)
+    if best is not None:
+        return best
+    spec = job.spec or {}
+    if not spec.get("val_fraction"):
+        message = (
+            f"job {job_id} has no validation split (val_fraction 0), so no best epoch: the best "
+            "epoch is chosen on held-out training data, never on the test set. Download "
+            "checkpoints/latest/file or checkpoints/epoch/<n>/file, or submit with "
+            "val_fraction > 0"
+        )
+    elif spec.get("keep_best") is False:
+        message = (
+            f"job {job_id} does not keep its best epoch's checkpoint (keep_best false); its best "
+            f"epoch is {job.best_epoch}: try checkpoints/epoch/{job.best_epoch}/file"
+        )
+    else:
+        message = f"job {job_id} has no best checkpoint yet ({job.epoch} epochs done)"
+    raise CheckpointNotFound(message)
+
+
+def checkpoint_of_epoch(session: Session, job_id: str, epoch: int) -> Checkpoint:
+    """The checkpoint written after epoch `epoch` (rather than one written by a stop in the
+    middle of the next epoch, which records the same number of finished epochs). Raises
+    `CheckpointNotFound` naming the epochs that have one."""
+    job, rows = _job_checkpoints(session, job_id)
+    matching = [row for row in rows if row.epoch == epoch]
+    if matching:
+        # A mid-epoch file is named checkpoint-epochEEEE-stepSSSSSS.pt (`jumpout.engine`).
+        return min(matching, key=lambda row: "-step" in Path(row.path).name)
+    kept = sorted({row.epoch for row in rows})
+    if kept:
+        listed = ", ".join(str(number) for number in kept)
+        message = (
+            f"job {job_id} has no checkpoint of epoch {epoch}; epochs with one: {listed} (only "
+            f"the newest keep_last={(job.spec or {}).get('keep_last')} are kept, plus the best "
+            "with keep_best, and short epochs are not each checkpointed)"
+        )
+    else:
+        message = f"job {job_id} has no checkpoint of epoch {epoch}; it has none yet"
+    raise CheckpointNotFound(message)
 
 
 # --- cancelling ------------------------------------------------------------------------------
@@ -418,6 +552,72 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     row = session.execute(select(Job.cancel_requested).where(Job.id == job_id)).one_or_none()
     session.commit()
     return True if row is None else bool(row[0])
+
+
+# --- retrying --------------------------------------------------------------------------------
+
+RETRYABLE_STATUSES = (JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def retry_job(session: Session, job_id: str, *, token) -> Job:
+    """Put a failed or cancelled job back in the queue on behalf of `token` (its owner or an
+    admin; see `request_cancel`), with a fresh budget of `max_attempts` attempts. Its
+    checkpoints and metrics stay, so the next attempt resumes from the newest valid checkpoint
+    (a job that never wrote one starts over). The caller enqueues it after this commits.
+
+    The attempt count goes on (the budget is raised instead, `attempt_budget`): each attempt's
+    number stays unique, so a supervisor of an old attempt that is still alive can never take
+    the job for its own.
+
+    Raises `JobNotFound`, `Forbidden`, `JobNotRetryable` (409: the job is queued, running or
+    succeeded) or `TooManyQueued` (a job of its own, not an experiment's, when its owner already
+    has `max_queued_per_token` queued)."""
+    settings = get_settings()
+    job = get_job(session, job_id)
+    if not token.is_admin and job.owner_id != token.id:
+        raise Forbidden("only the job's owner or an admin can retry it")
+    if job.status not in RETRYABLE_STATUSES:
+        raise JobNotRetryable(
+            f"job {job_id} is {job.status}: only a failed or cancelled job can be retried"
+        )
+    if job.experiment_id is None:
+        limit = settings.max_queued_per_token
+        queued = session.execute(
+            _QUEUED_OF_ANONYMOUS if job.owner_id is None else _QUEUED_OF_OWNER,
+            {"owner_id": job.owner_id, "limit": limit},
+        ).scalar_one()
+        if queued >= limit:
+            session.rollback()
+            raise TooManyQueued(
+                f"the job's owner already has {queued} queued jobs; the limit is {limit} "
+                "(max_queued_per_token): wait for some to start or cancel them"
+            )
+    retried = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(RETRYABLE_STATUSES))
+        .values(
+            status=JobStatus.QUEUED,
+            cancel_requested=False,
+            finished_at=None,
+            error=None,
+            worker=None,
+            heartbeat_at=None,
+            max_attempts=Job.attempt + settings.max_attempts,
+        )
+    ).rowcount
+    session.commit()
+    job = get_job(session, job_id)
+    if not retried:  # a concurrent retry (or nothing to retry any more)
+        raise JobNotRetryable(
+            f"job {job_id} is {job.status}: only a failed or cancelled job can be retried"
+        )
+    return job
+
+
+def attempt_budget(job_max_attempts: int, *, configured: int) -> int:
+    """The attempts a job may use: the `configured` `max_attempts`, plus those a retry
+    granted it (`retry_job` raises the job's own `max_attempts` above the setting)."""
+    return configured + max(0, job_max_attempts - get_settings().max_attempts)
 
 
 # --- the worker's side -----------------------------------------------------------------------
@@ -571,6 +771,12 @@ def job_view(job: Any) -> dict[str, Any]:
     from the mean epoch time), result, owner and queue (None here: see `api.queries.job_json`).
     Datetimes stay datetimes; the caller serialises."""
     view = {column.name: getattr(job, column.name) for column in READ_COLUMNS}
+    view["spec"] = public_spec(view["spec"])
+    environment = view.get("environment")
+    if environment and (environment.get("init_from") or {}).get("path"):
+        # Where the starting weights lay on the server: its `source` and sha256 say which.
+        init = {k: v for k, v in environment["init_from"].items() if k != "path"}
+        view["environment"] = {**environment, "init_from": init}
     epochs = job.epochs or 0
     eta = None
     if job.status == JobStatus.RUNNING and job.epoch_seconds is not None:
@@ -584,8 +790,11 @@ def job_view(job: Any) -> dict[str, Any]:
         "fraction": float(min(1.0, job.epoch / epochs)) if epochs else 0.0,
         "eta_seconds": eta,
     }
+    # The column holds the newest recorded epoch's test accuracy: the headline only once the
+    # job has succeeded (a running job's latest epoch is not its final one).
     view["result"] = {
-        "final_accuracy": job.final_accuracy,
+        "final_accuracy": job.final_accuracy if job.status == JobStatus.SUCCEEDED else None,
+        "latest_accuracy": job.final_accuracy,
         "best_val_accuracy": job.best_val_accuracy,
         "best_epoch": job.best_epoch,
         "test_accuracy_at_best": job.test_accuracy_at_best,
@@ -595,6 +804,20 @@ def job_view(job: Any) -> dict[str, Any]:
     # only the read of one job fills it in (`api.queries.job_json`).
     view["queue"] = None
     return view
+
+
+def public_spec(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's resolved spec as a client sees it: only the fields its run reads
+    (`jumpout.spec.applicable_fields`: no `dropout_rate` on a jumpout job, no `sigma` on a
+    dropout one) and none of the server's paths (`SERVER_PATH_FIELDS`). The stored row keeps
+    the whole spec: the worker trains from it."""
+    if not spec:
+        return spec
+    return {
+        name: spec[name]
+        for name in applicable_fields(spec)
+        if name in spec and name not in SERVER_PATH_FIELDS
+    }
 
 
 def record_epoch(session: Session, job_id: str, metrics: dict[str, Any]) -> None:
@@ -772,12 +995,12 @@ def requeue_job(
 def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int) -> list[str]:
     """Running jobs whose heartbeat is older than `timeout_s` lost their worker: put them back
     to queued (attempt unchanged; the next claim adds one) and return their ids for the caller to
-    enqueue. A job that already used `max_attempts` attempts fails instead, and one whose cancel
-    was requested is cancelled."""
+    enqueue. A job that already used `max_attempts` attempts (plus any a retry granted it,
+    `attempt_budget`) fails instead, and one whose cancel was requested is cancelled."""
     now = utcnow()
     cutoff = now - timedelta(seconds=timeout_s)
     stale = session.execute(
-        select(Job.id, Job.attempt, Job.cancel_requested, Job.heartbeat_at).where(
+        select(Job.id, Job.attempt, Job.cancel_requested, Job.heartbeat_at, Job.max_attempts).where(
             Job.status == JobStatus.RUNNING,
             or_(
                 Job.heartbeat_at < cutoff, and_(Job.heartbeat_at.is_(None), Job.started_at < cutoff)
@@ -785,7 +1008,8 @@ def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int)
         )
     ).all()
     requeued: list[str] = []
-    for job_id, attempt, cancel, beat in stale:
+    for job_id, attempt, cancel, beat, job_max_attempts in stale:
+        budget = attempt_budget(job_max_attempts, configured=max_attempts)
         # Conditional on the heartbeat we saw: a worker that wakes up in between keeps its job.
         guard = update(Job).where(
             Job.id == job_id,
@@ -795,7 +1019,7 @@ def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int)
         )
         if cancel:
             values = {"status": JobStatus.CANCELLED, "finished_at": now, "error": None}
-        elif attempt >= max_attempts:
+        elif attempt >= budget:
             values = {
                 "status": JobStatus.FAILED,
                 "finished_at": now,
@@ -804,7 +1028,7 @@ def requeue_stale_jobs(session: Session, *, timeout_s: float, max_attempts: int)
         else:
             values = {**_back_to_queue(now), "worker": None, "heartbeat_at": None}
         changed = session.execute(guard.values(**values)).rowcount
-        if changed and not cancel and attempt < max_attempts:
+        if changed and not cancel and attempt < budget:
             requeued.append(job_id)
     session.commit()
     return requeued
@@ -867,15 +1091,7 @@ def verify_checkpoint_file(checkpoint: Checkpoint) -> Path:
 def newest_valid_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
     """The newest checkpoint of the job whose file exists and matches its sha256 (for resuming);
     None when there is none. Corrupted files are skipped (and logged), not deleted."""
-    rows = list(
-        session.scalars(
-            select(Checkpoint)
-            .where(Checkpoint.job_id == job_id)
-            .order_by(Checkpoint.epoch.desc(), Checkpoint.created_at.desc(), Checkpoint.id.desc())
-        )
-    )
-    session.commit()
-    for row in rows:
+    for row in _checkpoints_newest_first(session, job_id):
         try:
             verify_checkpoint_file(row)
         except (CheckpointGone, ChecksumMismatch, CheckpointRefused) as exc:

@@ -25,6 +25,7 @@ length cannot be read, so there is no depth limit and no top-up there).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -33,6 +34,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
@@ -66,7 +68,13 @@ def _celery_app(broker_url: str, visibility_timeout: float):
         task_ignore_result=True,
         broker_connection_timeout=2,
         broker_connection_retry_on_startup=False,
-        broker_transport_options={"visibility_timeout": visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": visibility_timeout,
+            # A hung Redis (it accepts connections, never answers) must not hold a thread of the
+            # API for ever: the health's worker ping, a publish to another broker.
+            "socket_timeout": PUBLISH_TIMEOUT_S,
+            "socket_connect_timeout": PUBLISH_TIMEOUT_S,
+        },
     )
     return app
 
@@ -261,25 +269,106 @@ def _async_redis_client(address: str):
 
 async def enqueue_job_async(job_id: str) -> bool:
     """`enqueue_job` for an event loop: a slow or hung broker holds neither the loop nor a
-    thread, only this request, for at most `PUBLISH_TIMEOUT_S`."""
+    thread of the server's pool, only this request, for at most `PUBLISH_TIMEOUT_S`. Another
+    broker than Redis is published to by `send_task` in `_publish_threads` (its own few threads)."""
     address = redis_address(get_settings().broker_url)
     if address is None:
-        from starlette.concurrency import run_in_threadpool
-
-        return await run_in_threadpool(enqueue_job, job_id)
+        return await _in_publish_thread(enqueue_job, job_id)
     client = _async_redis_client(address)
     return bool(await client.eval(_PUSH_UP_TO, 1, QUEUE, dispatch_depth(), kombu_envelope(job_id)))
+
+
+# The API's publishes after a commit are bounded, so that a broker that hangs (a SIGSTOPped Redis
+# still accepts TCP connections: a connect succeeds, the answer never comes) cannot hold the
+# requests that submitted, nor pile them up: each publish is abandoned after
+# `PUBLISH_DEADLINE_S` whatever the client library does, and while `MAX_PUBLISHES_IN_FLIGHT`
+# are still waiting a new one is skipped at once. A skipped or failed publish loses nothing: the
+# job is committed as queued and the reaper publishes for it (`worker.reaper`, after
+# `reconcile_after`). No quiet period after a failure: a broker that is back answers the next
+# submission at once rather than leaving its job to the reaper.
+PUBLISH_DEADLINE_S = PUBLISH_TIMEOUT_S + 0.25
+MAX_PUBLISHES_IN_FLIGHT = 4
+PUBLISH_THREADS = 2
+
+
+class PublishSkipped(RuntimeError):
+    """The API did not try to publish: earlier publishes are still waiting for the broker."""
+
+
+class _PublishGate:
+    """This process's publishes in flight, and its publishing threads in use (a thread's
+    call can outlive its caller's wait; it is counted until it returns)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.threads_busy = 0
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.in_flight >= MAX_PUBLISHES_IN_FLIGHT:
+                raise PublishSkipped(f"{self.in_flight} earlier publishes still wait for it")
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+
+_gate = _PublishGate()
+_publish_threads: ThreadPoolExecutor | None = None
+
+
+async def _in_publish_thread(fn, *args):
+    """``fn(*args)`` in `_publish_threads`, never in the server's thread pool (shared with the
+    sync routes). A call still running there after its caller gave up keeps its thread; while
+    all `PUBLISH_THREADS` are taken, PublishSkipped at once instead of queueing behind them."""
+    global _publish_threads
+    with _gate.lock:
+        if _gate.threads_busy >= PUBLISH_THREADS:
+            raise PublishSkipped("earlier publishes still hold the publishing threads")
+        _gate.threads_busy += 1
+        if _publish_threads is None:
+            _publish_threads = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish")
+
+    def release(_future) -> None:
+        with _gate.lock:
+            _gate.threads_busy -= 1
+
+    future = _publish_threads.submit(fn, *args)
+    future.add_done_callback(release)  # when the thread is done, not when the caller gives up
+    return await asyncio.wrap_future(future)
+
+
+async def _bounded_publish(job_id: str) -> bool:
+    """`enqueue_job_async` under `_gate`, abandoned after `PUBLISH_DEADLINE_S`; raises
+    PublishSkipped, TimeoutError or the broker's error."""
+    _gate.enter()
+    try:
+        return await asyncio.wait_for(enqueue_job_async(job_id), PUBLISH_DEADLINE_S)
+    finally:
+        _gate.leave()
+
+
+def _log_unpublished(what: str, error: Exception) -> None:
+    if isinstance(error, PublishSkipped):
+        logger.info("%s: not published (%s); the reaper will", what, error)
+    else:
+        reason = str(error) or type(error).__name__
+        logger.warning("%s: could not reach the broker (%s); the reaper will publish", what, reason)
 
 
 async def try_enqueue(job_id: str) -> bool:
     """After committing queued jobs (one submission, or an experiment's jobs: call it once), wake
     a worker from the API's event loop, logging (not raising) a broker failure: the jobs stay
-    queued in the database and the reaper publishes for them later. False only on a failure
-    (a full queue is not one: the waiting messages will claim these jobs in their turn)."""
+    queued in the database and the reaper publishes for them later. Bounded (`_gate`): at most
+    `PUBLISH_DEADLINE_S`, and nothing at all while earlier publishes still hang. False only on a
+    failure or a skip (a full queue is not one: the waiting messages will claim these jobs in
+    their turn)."""
     try:
-        await enqueue_job_async(job_id)
+        await _bounded_publish(job_id)
     except Exception as exc:  # any broker/transport error; the row is the source of truth
-        logger.warning("job %s stays queued: could not reach the broker (%s)", job_id, exc)
+        _log_unpublished(f"job {job_id} stays queued", exc)
         return False
     return True
 
@@ -289,15 +378,13 @@ async def try_enqueue_all(job_ids: Sequence[str]) -> bool:
     until the broker's queue is full (on Redis `dispatch_depth` messages; the workers top it up as
     they claim, so publishing more would only be refused), and on a failure none after it (waiting
     out the timeout once per job would hold the request for minutes; the reaper publishes later).
-    False only on a failure."""
+    False only on a failure or a skip."""
     for job_id in job_ids:
         try:
-            if not await enqueue_job_async(job_id):
+            if not await _bounded_publish(job_id):
                 return True  # full: the waiting messages will claim the rest in their turn
         except Exception as exc:  # any broker/transport error; the rows are the source of truth
-            logger.warning(
-                "jobs from %s on stay queued: could not reach the broker (%s)", job_id, exc
-            )
+            _log_unpublished(f"jobs from {job_id} on stay queued", exc)
             return False
     return True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,13 @@ class Settings(BaseSettings):
     # max_queued_per_token.
     max_experiment_jobs: int = Field(500, ge=1)
     max_request_bytes: int = Field(64 * 1024, ge=1024)
+    # Seconds an `Idempotency-Key` of a creating POST is remembered (`jobstore.idempotency`): a
+    # retry within this replays the stored answer; after it the key is forgotten and creates anew.
+    idempotency_retention: float = Field(24 * 3600.0, gt=0)
+    # Who may read a job or experiment (`api.access`): "team" (any token reads every job; the
+    # default, for one team's box) or "owner" (a non-admin token reads only its own; anything
+    # else is answered 404, as if it did not exist).
+    read_scope: Literal["team", "owner"] = "team"
 
     device: Device = Device.AUTO
     # Fork each trainer from a process that has imported torch once (`worker.template`) instead
@@ -64,6 +72,19 @@ class Settings(BaseSettings):
     # the last epoch and a stop are always checkpointed. 0: every epoch. A crash repeats at most
     # this much training; a checkpoint per sub-second epoch would cost as much as the epoch.
     checkpoint_interval: float = Field(2.0, ge=0)
+    # The job's event stream (`GET /v1/jobs/{id}/events`): a `: ping` comment this often keeps
+    # proxies from closing an idle stream; and the API re-reads a watched job from the database
+    # this often even without a pub/sub notification (one lost in a Redis restart is late by at
+    # most this much, never missing).
+    events_heartbeat_s: float = Field(15.0, gt=0)
+    events_recheck_s: float = Field(5.0, gt=0)
+    # The longest an event stream or a followed log stays open (0: until the job ends); the
+    # client then reconnects with Last-Event-ID or its offset. Tests set it, since a TestClient
+    # reads a streaming response to its end.
+    stream_max_s: float = Field(0.0, ge=0)
+    # The trainer's output on disk (`<artifact_dir>/jobs/<id>/trainer.log`) is cut to about this
+    # size: the head and the newest output are kept, the middle dropped (`jobstore.joblog`).
+    log_max_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     # DataLoader processes per training job.
     num_workers: int = Field(0, ge=0, le=FIELDS["num_workers"].high)
     worker_name: str = Field(default_factory=socket.gethostname)
@@ -74,6 +95,14 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(40, ge=0)
     # How long /v1/health waits for Celery workers to answer a ping.
     health_ping_timeout: float = Field(0.5, gt=0)
+    # /v1/health says "degraded" when a filesystem the service writes to (home, artifacts, the
+    # SQLite database) has less free space than this (`jobstore.storage`): checkpoints and
+    # submissions start failing once it is full.
+    min_free_bytes: int = Field(1024**3, ge=0)
+    # `make run` (launcher): False keeps the children's output (Celery's banner, Redis' and
+    # uvicorn's logs) in files under {home}/logs and the terminal to a few lines; True (or
+    # `make run VERBOSE=1`) shows all of it in the terminal as well as it used to.
+    verbose: bool = False
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -142,6 +142,8 @@ class Job(Base):
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_owner_id_status", "owner_id", "status"),
         Index("ix_jobs_experiment_id", "experiment_id"),
+        # The fair share's last start per owner (`jobstore.fairshare.owner_turns`): a seek.
+        Index("ix_jobs_owner_id_started_at", "owner_id", "started_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id, info=READ)
@@ -190,6 +192,29 @@ class Job(Base):
     def owner_name(self) -> str | None:
         """The owner's token name (what the fast reads select as the column `owner_name`)."""
         return self.owner.name if self.owner is not None else None
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` a client sent with a POST that creates something, and what it created
+    (`jobstore.idempotency`). Written in the transaction that creates the job or experiment, so
+    a crash leaves both or neither; (owner, route, key) is unique, so two concurrent requests with
+    one key create one resource. `owner_id` is 0 for the anonymous owner (a NULL would defeat the
+    unique constraint), without a foreign key: tokens are never deleted, the row only scopes the
+    key. Rows older than `Settings.idempotency_retention_s` are forgotten."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("owner_id", "route", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(Integer)
+    route: Mapped[str] = mapped_column(String(64))  # "POST /v1/jobs"
+    key: Mapped[str] = mapped_column(String(255))
+    # sha256 of the route and the request body as canonical JSON: same key, other body -> 422.
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    resource_kind: Mapped[str] = mapped_column(String(16))  # "job" | "experiment"
+    resource_id: Mapped[str] = mapped_column(String(32))
+    response_status: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class EpochMetric(Base):

@@ -1,12 +1,15 @@
-"""Command line: ``python -m jumpout {demo,train,ablation}``.
+"""Command line: ``python -m jumpout {demo,train,ablation,fetch}``.
 
 * ``demo``: trains the mlp on the offline digits set with dropout and with jumpout on the CPU and
-  prints both test accuracies side by side (well under a minute).
+  prints both test accuracies side by side (well under a minute; the wall time it prints includes
+  start-up and warm-up and is no speed comparison).
 * ``train``: one run of any (dataset, architecture, method) with the recipe's defaults, every value
   overridable, a live progress bar, checkpoints in ``--out`` and ``--resume`` from the newest one.
 * ``ablation``: the eight rows of the paper's Table 1 over ``--seeds N`` seeds, planned by
   `jumpout.experiment` and summarised by `jumpout.report` (mean, intervals, paired comparison to
-  the dropout row, the paper's figures) as Markdown, CSV or JSON.
+  the dropout row, the paper's figures) as Markdown, CSV or JSON; ``--rows`` trains a subset.
+* ``fetch``: downloads data sets' files into a data directory (the only command that reaches the
+  network; ``train --download`` too).
 
 A bad option value or missing dataset files print one line naming the field or files and exit
 with status 2 (no traceback). Ctrl-C (or SIGTERM) during ``train`` stops cooperatively after
@@ -24,7 +27,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from jumpout.spec import ABLATIONS, FIELDS, REQUIRED, ConfigError, TrainConfig, resolve_config
+from jumpout.spec import (
+    ABLATIONS,
+    FIELDS,
+    ConfigError,
+    TrainConfig,
+    canonical_ablation,
+    resolve_config,
+)
+from jumpout.spec_options import add_spec_options, spec_values
 
 __all__ = ["main", "build_parser"]
 
@@ -33,56 +44,17 @@ _CLI_DEFAULTS = {"data_dir": "data"}
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, method: bool = True) -> None:
-    """One option per field of the spec (`jumpout.spec.FIELDS`); unset ones keep the recipe's
-    value. Values are parsed and checked by the spec, not by argparse, so a bad one gets the
-    spec's message (and exit status 2, see `main`)."""
-    groups = {
-        "required": parser.add_argument_group("what to train"),
-        "regularisation": parser.add_argument_group("regularisation"),
-        "optimisation": parser.add_argument_group("optimisation (defaults: the recipe)"),
-        "operator": parser.add_argument_group("data, output and device"),
-    }
-    for name, spec in FIELDS.items():
-        if not method and name in ("method", "ablation"):
-            continue
-        flags = ["--" + name.replace("_", "-"), *spec.flags]
-        help_text = f"{spec.help}: {spec.accepted()}"
-        if spec.recipe:
-            help_text += " (default: the recipe's)"
-        if name in REQUIRED:
-            group = groups["required"]
-        elif name in ("method", "ablation", "dropout_rate", "sigma", "p_min", "p_max"):
-            group = groups["regularisation"]
-        elif spec.operator or name in ("keep_last", "keep_best", "compile"):
-            group = groups["operator"]
-        else:
-            group = groups["optimisation"]
-        if spec.kind == "bool":
-            group.add_argument(
-                *flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text
-            )
-            continue
-        short_choices = spec.choices and len(spec.choices) <= 4
-        metavar = "{" + ",".join(spec.choices) + "}" if short_choices else name.upper()
-        group.add_argument(
-            *flags,
-            dest=name,
-            required=name in REQUIRED,
-            default=_CLI_DEFAULTS.get(name),
-            metavar=metavar,
-            help=help_text.replace("%", "%%"),
-        )
+    """One option per field of the spec (`jumpout.spec_options`, shared with the service's
+    client); unset ones keep the recipe's value. Values are parsed and checked by the spec, not
+    by argparse, so a bad one gets the spec's message (and exit status 2, see `main`)."""
+    names = [name for name in FIELDS if method or name not in ("method", "ablation")]
+    add_spec_options(parser, names, defaults=_CLI_DEFAULTS)
     parser.add_argument("--download", action="store_true", help="let torchvision fetch the data")
 
 
 def _fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The spec's fields given on the command line, each string parsed by its `FieldSpec`."""
-    values = {}
-    for key, value in vars(args).items():
-        if value is None or key not in FIELDS:  # not a spec field: --download, --resume
-            continue
-        values[key] = FIELDS[key].parse(value) if isinstance(value, str) else value
-    return values
+    return spec_values(args)
 
 
 def _config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
@@ -122,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(ablation, method=False)
     ablation.add_argument(
+        "--rows",
+        metavar="ROW[,ROW...]",
+        help="train only these Table-1 rows (any case; default: all eight): "
+        + ", ".join(ABLATIONS)
+        + " (dropout is the baseline of the comparison: keep it in)",
+    )
+    ablation.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -135,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the report is printed (default: markdown)",
     )
     ablation.set_defaults(func=_ablation)
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="download data sets' files into --data-dir (torchvision; needs internet access)",
+        description="Fills a data directory (a server's JUMPOUT_DATA_DIR, or train's --data-dir) "
+        "with the files the loaders read, through torchvision's download, and checks them. "
+        "imagenet cannot be downloaded; digits and synthetic need no files.",
+    )
+    fetch.add_argument(
+        "datasets",
+        nargs="+",
+        metavar="DATASET",
+        help="one or more of: " + ", ".join(FIELDS["dataset"].choices),
+    )
+    fetch.add_argument(
+        "--data-dir", default=_CLI_DEFAULTS["data_dir"], help="where to put them (default: data)"
+    )
+    fetch.add_argument(
+        "--svhn-extra",
+        action="store_true",
+        help="svhn: also its extra split (531,131 images, the paper's train + extra)",
+    )
+    fetch.set_defaults(func=_fetch)
     return parser
 
 
@@ -222,24 +224,31 @@ def _demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     results = {}
+    started = time.perf_counter()
     for method in ("dropout", "jumpout"):
         config = resolve_config(
             "digits", "mlp", method=method, epochs=args.epochs, seed=args.seed, device="cpu"
         )
         progress = _Progress(config, f"{method:>7} ", verbose=False)
-        started = time.perf_counter()
         try:
-            result = fit(config, progress)
+            results[method] = fit(config, progress)
         finally:
             progress.close()
-        results[method] = (result, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
     print()
     # The last epoch's test accuracy: no epoch is picked on the test set (and the demo holds
-    # out no validation split to pick one on).
-    print("| method  | final test acc % | seconds |")
-    print("|---------|-----------------:|--------:|")
-    for method, (result, seconds) in results.items():
-        print(f"| {method:<7} | {_percent(result.final_accuracy):>16} | {seconds:>7.1f} |")
+    # out no validation split to pick one on). No time per method: a run of seconds is mostly
+    # start-up and warm-up (the first run pays the imports and the allocator's), so a seconds
+    # column read as "dropout is slower" when it only ran first.
+    print("| method  | final test acc % |")
+    print("|---------|-----------------:|")
+    for method, result in results.items():
+        print(f"| {method:<7} | {_percent(result.final_accuracy):>16} |")
+    print(
+        f"wall time {elapsed:.1f} s for both runs, start-up and warm-up included: not a speed "
+        "comparison (for that see benchmarks/ and docs/benchmarks.md)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -328,6 +337,21 @@ def _train(args: argparse.Namespace) -> int:
     return 130 if result.stopped else 0
 
 
+def _table1_rows(text: str) -> list[str]:
+    """``--rows``: Table-1 row names, comma-separated, any case, each once, in the given order."""
+    rows = []
+    for part in text.split(","):
+        row = canonical_ablation(part)
+        if row is None:
+            shown = repr(part.strip()[:64])
+            raise ConfigError(
+                "rows", f"unknown Table-1 row {shown}; accepted: {', '.join(ABLATIONS)}"
+            )
+        if row not in rows:
+            rows.append(row)
+    return rows
+
+
 def _ablation(args: argparse.Namespace) -> int:
     """The Table-1 preset through the one experiment planner and report: each run trained here."""
     import json
@@ -342,8 +366,12 @@ def _ablation(args: argparse.Namespace) -> int:
     # An experiment is a client's spec; where and on what it trains is this machine's business.
     operator = {name: values.pop(name) for name in list(values) if FIELDS[name].operator}
     seeds = args.seeds if first_seed == 0 else list(range(first_seed, first_seed + args.seeds))
+    request: dict[str, Any] = {"base": values, "preset": "table1", "seeds": seeds}
+    if args.rows is not None:
+        del request["preset"]
+        request["rows"] = [{"label": row, "ablation": row} for row in _table1_rows(args.rows)]
     try:
-        plan = plan_experiment({"base": values, "preset": "table1", "seeds": seeds})
+        plan = plan_experiment(request)
     except ExperimentError as error:
         # The command line's name for the place: the option (seeds, sigma), not a list index.
         field = next(part for part in reversed(error.location) if isinstance(part, str))
@@ -398,6 +426,39 @@ def _ablation(args: argparse.Namespace) -> int:
     else:
         print()
         print(report_markdown(report), end="")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    """Download each named data set's files with torchvision, then check them as the service
+    does at submission (`jumpout.catalog.availability`)."""
+    from jumpout import catalog
+    from jumpout.data import load_dataset
+
+    names = [FIELDS["dataset"].check(name) for name in args.datasets]
+    for name in names:
+        item = catalog.entry(name)
+        extra = name == "svhn" and args.svhn_extra
+        if not item.needs_files:
+            print(f"{name}: nothing to fetch ({item.how_to_get})", file=sys.stderr)
+            continue
+        if not item.can_download:
+            raise ConfigError("dataset", f"{name} cannot be fetched here: {item.how_to_get}")
+        print(f"{name}: fetching into {args.data_dir} ...", file=sys.stderr)
+        try:
+            load_dataset(
+                name,
+                args.data_dir,
+                download=True,
+                augment=False,
+                **({"extra": True} if extra else {}),
+            )
+        except OSError as error:  # no network, a refused connection, a full disk
+            raise ConfigError("dataset", f"could not fetch {name}: {error}") from None
+        available, reason = catalog.availability(name, args.data_dir, extra=extra)
+        if not available:
+            raise ConfigError("dataset", reason or name)
+        print(f"{name}: ready in {args.data_dir}")
     return 0
 
 

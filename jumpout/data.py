@@ -6,14 +6,10 @@ The real datasets are read with torchvision's own classes and never downloaded u
 caller asks (``download=True``, the CLI's ``--download``); a missing dataset raises
 :class:`DatasetNotFoundError` naming the directory, the files expected and how to get them.
 
-Layout under ``data_dir`` (each dataset gets its own torchvision ``root``)::
-
-    data_dir/cifar10/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
-    data_dir/cifar100/cifar-100-python/{train,test,meta}
-    data_dir/fashion_mnist/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
-    data_dir/svhn/{train,test,extra}_32x32.mat      (extra only with ``extra=True``)
-    data_dir/stl10/stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin
-    data_dir/imagenet/{train,val}/<class>/<image>
+The layout under ``data_dir`` (each dataset gets its own torchvision ``root``), the files each
+loader reads, the classes, shapes and split sizes are declared once, without torch, in
+`jumpout.catalog` (the service checks a job's files against it at submission); `DatasetInfo`
+takes them from there.
 
 ImageNet is read with ``torchvision.datasets.ImageFolder`` rather than the ``ImageNet``
 class: that class also wants the devkit's ``meta.bin`` only to attach human-readable names,
@@ -50,6 +46,8 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 from torchvision.datasets.vision import StandardTransform
+
+from jumpout import catalog
 
 __all__ = [
     "Augmentation",
@@ -154,69 +152,54 @@ class DatasetNotFoundError(FileNotFoundError):
         super().__init__(message)
 
 
-_CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-_FASHION_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-_STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin")
+def _from_catalog(name: str, **training: Any) -> DatasetInfo:
+    """`DatasetInfo` of ``name``: its shape, split sizes, files and provenance from the
+    catalogue (`jumpout.catalog`, which the service checks submissions against), so the files
+    checked there are the files read here; ``training`` adds the normalisation and the
+    augmentation."""
+    item = catalog.entry(name)
+    return DatasetInfo(
+        name=name,
+        num_classes=item.num_classes,
+        in_channels=item.in_channels,
+        image_size=item.image_size,
+        train_size=item.train_size,
+        test_size=item.test_size,
+        subdir=item.subdir,
+        files=item.files,
+        how_to_get=item.how_to_get,
+        can_download=item.can_download,
+        **training,
+    )
+
 
 _RECIPES_STATS = "docs/recipes.md (hysts/pytorch_image_classification)"
 _DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo(
-            name="cifar10",
-            num_classes=10,
-            in_channels=3,
-            image_size=32,
+        _from_catalog(
+            "cifar10",
             mean=(0.4914, 0.4822, 0.4465),
             std=(0.2470, 0.2435, 0.2616),
-            train_size=50_000,
-            test_size=10_000,
-            subdir="cifar10",
-            files=tuple(f"cifar10/cifar-10-batches-py/{f}" for f in _CIFAR10_BATCHES),
-            how_to_get="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted",
             stats_source=_RECIPES_STATS,
             augmentation=Augmentation(crop_padding=4, flip=True),
         ),
-        DatasetInfo(
-            name="cifar100",
-            num_classes=100,
-            in_channels=3,
-            image_size=32,
+        _from_catalog(
+            "cifar100",
             mean=(0.5071, 0.4865, 0.4409),
             std=(0.2673, 0.2564, 0.2762),
-            train_size=50_000,
-            test_size=10_000,
-            subdir="cifar100",
-            files=tuple(f"cifar100/cifar-100-python/{f}" for f in ("train", "test", "meta")),
-            how_to_get="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extracted",
             stats_source=_RECIPES_STATS,
             augmentation=Augmentation(crop_padding=4, flip=True),
         ),
-        DatasetInfo(
-            name="fashion_mnist",
-            num_classes=10,
-            in_channels=1,
-            image_size=28,
+        _from_catalog(
+            "fashion_mnist",
             mean=(0.2860,),
             std=(0.3530,),
-            train_size=60_000,
-            test_size=10_000,
-            subdir="fashion_mnist",
-            files=tuple(f"fashion_mnist/FashionMNIST/raw/{f}" for f in _FASHION_FILES),
-            how_to_get="the four gunzipped IDX files of github.com/zalandoresearch/fashion-mnist",
             stats_source=_RECIPES_STATS,
             augmentation=Augmentation(crop_padding=4, flip=True),
         ),
-        DatasetInfo(
-            name="svhn",
-            num_classes=10,
-            in_channels=3,
-            image_size=32,
+        _from_catalog(
+            "svhn",
             # Source: none primary. hysts/pytorch_image_classification (the recipes' source) has
             # no SVHN; these are the values copied across many public repositories as "the SVHN
             # train split's" per-channel mean and std of pixels in [0, 1]. They could not be
@@ -227,81 +210,42 @@ _DATASETS: dict[str, DatasetInfo] = {
             # both splits keeps runs with and without extra comparable).
             mean=(0.4377, 0.4438, 0.4728),
             std=(0.1980, 0.2010, 0.1970),
-            train_size=73_257,
-            test_size=26_032,
-            subdir="svhn",
-            # extra_32x32.mat too with extra=True (`_load_svhn`).
-            files=("svhn/train_32x32.mat", "svhn/test_32x32.mat"),
-            how_to_get="http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits)",
             stats_source="unverified: values copied across public repositories as the SVHN "
             "train split's; recompute with measure_normalisation",
             # No augmentation: its digits are not mirror-symmetric, and the WRN paper trains
             # SVHN without any.
             augmentation=Augmentation(),
         ),
-        DatasetInfo(
-            name="stl10",
-            num_classes=10,
-            in_channels=3,
-            image_size=96,
+        _from_catalog(
+            "stl10",
             # Source: none primary, as for SVHN: the values copied across public repositories
             # as the STL10 train split's (5,000 labelled images) per-channel mean and std; not
             # recomputed here (no copy of the data); `measure_normalisation("stl10", data_dir)`
             # computes them from the files.
             mean=(0.4467, 0.4398, 0.4066),
             std=(0.2603, 0.2566, 0.2713),
-            train_size=5_000,
-            test_size=8_000,
-            subdir="stl10",
-            # torchvision checks unlabeled_X.bin too, although only the labelled splits are read.
-            files=tuple(f"stl10/stl10_binary/{f}" for f in _STL10_FILES),
-            how_to_get="http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz, extracted",
             stats_source="unverified: values copied across public repositories as the STL10 "
             "train split's; recompute with measure_normalisation",
             # The same eighth of the side as CIFAR's 4 of 32.
             augmentation=Augmentation(crop_padding=12, flip=True),
         ),
-        DatasetInfo(
-            name="imagenet",
-            num_classes=1000,
-            in_channels=3,
-            image_size=224,
+        _from_catalog(
+            "imagenet",
             mean=(0.485, 0.456, 0.406),
             std=(0.229, 0.224, 0.225),
-            train_size=1_281_167,
-            test_size=50_000,
-            subdir="imagenet",
-            files=("imagenet/train/<class>/<image>", "imagenet/val/<class>/<image>"),
-            how_to_get="it cannot be downloaded automatically: get ILSVRC2012 from image-net.org "
-            "and put the train and val images in one folder per class",
-            can_download=False,
             stats_source=_RECIPES_STATS,
             augmentation=Augmentation(resized_crop=224, flip=True),
         ),
-        DatasetInfo(
-            name="digits",
-            num_classes=10,
-            in_channels=1,
-            image_size=8,
+        _from_catalog(
+            "digits",
             mean=(0.3054,),
             std=(0.3761,),
-            train_size=1_437,
-            test_size=360,
-            how_to_get="bundled with scikit-learn",
-            can_download=False,
             stats_source="computed on the 1437-image train split, pixels scaled to [0, 1]",
         ),
-        DatasetInfo(
-            name="synthetic",
-            num_classes=10,
-            in_channels=3,
-            image_size=32,
+        _from_catalog(
+            "synthetic",
             mean=(0.5, 0.5, 0.5),
             std=(0.2082, 0.2082, 0.2082),
-            train_size=512,
-            test_size=128,
-            how_to_get="generated in memory",
-            can_download=False,
             stats_source="of the generating distribution 0.6 U(0,1) + 0.4 U(0,1)",
         ),
     )
@@ -430,7 +374,7 @@ def _load_fashion_mnist(info, data_dir, *, download, augment):
     return train, test, info
 
 
-_SVHN_EXTRA_FILE = "extra_32x32.mat"
+_SVHN_EXTRA_FILE = Path(catalog.entry("svhn").extra_files[0]).name  # extra_32x32.mat
 
 
 def _load_svhn(info, data_dir, *, download, augment, extra=False):
@@ -441,7 +385,7 @@ def _load_svhn(info, data_dir, *, download, augment, extra=False):
     test = _construct(info, data_dir, lambda root: cls(root, "test", test_tf, download=download))
     if extra:
         # The paper's Table 4 trains SVHN on train + extra: 73,257 + 531,131 = 604,388 images.
-        info = dataclasses.replace(info, files=(*info.files, f"svhn/{_SVHN_EXTRA_FILE}"))
+        info = dataclasses.replace(info, files=(*info.files, *catalog.entry("svhn").extra_files))
         root = info.root(data_dir)
         try:
             extra_set = cls(str(root), "extra", train_tf, download=download)

@@ -14,7 +14,8 @@ Design choices worth knowing:
 * Checkpoints (`checkpoint-epochEEEE.pt` after epoch E) hold model, optimiser, schedule, every RNG
   state (python, numpy, torch CPU and CUDA, the sampler's and the loader's generators), the
   metrics history, the final test accuracy and the validation-best epoch, the starting weights'
-  record (``init``) and the run's provenance (``environment``, `jumpout.provenance`). They are
+  record (``init``), the run's provenance (``environment``, `jumpout.provenance`) and what built
+  the model (``model_args``, `jumpout.models.model_arguments`: `load_model` rebuilds it). They are
   written atomically (temp file in the same directory, fsync, ``os.replace``, directory fsync)
   and load with ``weights_only=True``.
   A cooperative stop in the middle of epoch E+1 writes ``checkpoint-epochEEEE-stepSSSSSS.pt``
@@ -74,6 +75,7 @@ from jumpout.spec import ConfigError, TrainConfig
 __all__ = [
     "CHECKPOINT_PATTERN",
     "Callback",
+    "CheckpointWriteError",
     "FitResult",
     "NonFiniteLossError",
     "RESUME_NEUTRAL_FIELDS",
@@ -86,6 +88,7 @@ __all__ = [
     "fit",
     "list_checkpoints",
     "load_checkpoint",
+    "load_model",
     "resolve_device",
     "resolve_init_from",
 ]
@@ -118,6 +121,23 @@ class NonFiniteLossError(RuntimeError):
             f"training loss became NaN or infinite at epoch {epoch}, step {step}; "
             "lower the learning rate (lr) or check the data"
         )
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the disk is full, a quota, an I/O error). Nothing of
+    it is left behind (the temporary file is removed) and the checkpoints written before are
+    untouched, so a later run resumes from the newest of those. ``errno`` is the write's.
+
+    Args:
+        epoch: the epoch whose checkpoint it was.
+        error: the write's ``OSError``.
+    """
+
+    def __init__(self, epoch: int, error: OSError) -> None:
+        super().__init__(
+            error.errno, f"could not write the checkpoint of epoch {epoch}: {error.strerror}"
+        )
+        self.epoch = epoch
 
 
 class Callback:
@@ -209,6 +229,47 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+MODEL_ARGS_KEY = "model_args"
+"""The checkpoint key of the model's construction arguments (`jumpout.models.model_arguments`:
+architecture, num_classes, in_channels, image_size, regularizer, options)."""
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained model of a checkpoint written by `fit` (or downloaded from the service),
+    rebuilt from the construction arguments the checkpoint stores, its weights loaded, in eval
+    mode, on ``map_location``.
+
+    Loads with ``torch.load(..., weights_only=True)``: nothing in the file is executed.
+
+    Example::
+
+        model = jumpout.load_model("model.pt")
+        logits = model(images)
+
+    Raises:
+        ValueError: the file is not a `fit` checkpoint, or was written before checkpoints held
+            the construction arguments (no ``"model_args"``): rebuild such a model with
+            `jumpout.models.create_model` from its ``"config"`` and the data set's sizes, then
+            ``load_state_dict(state["model"])``.
+    """
+    from jumpout.models import create_model_from_arguments
+
+    state = load_checkpoint(path, map_location="cpu")
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{Path(path).name} is not a checkpoint written by jumpout's fit")
+    arguments = state.get(MODEL_ARGS_KEY)
+    if arguments is None:
+        raise ValueError(
+            f"{Path(path).name} was written before checkpoints stored the model's construction "
+            f"arguments ({MODEL_ARGS_KEY!r}): rebuild it with jumpout.models.create_model("
+            "architecture, num_classes, in_channels, Regularizer.from_config(config), "
+            "image_size=...) from its 'config', then load_state_dict(state['model'])"
+        )
+    model = create_model_from_arguments(arguments)
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval()
+
+
 def find_resumable_checkpoint(out_dir: str | os.PathLike) -> str | None:
     """Path of the newest checkpoint in ``out_dir`` whose file loads, or None.
 
@@ -254,6 +315,19 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self._handle.flush()
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The ``OSError`` that ``error`` is or was raised from: ``torch.save`` turns its writer's
+    ``OSError`` (ENOSPC on a full disk) into a ``RuntimeError`` ("unexpected pos ...")."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _atomic_save(state: dict, path: Path) -> tuple[str, int]:
@@ -710,13 +784,15 @@ def _jumpout_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, Jumpout)]
 
 
-def _build_model(config: TrainConfig, info: Any) -> nn.Module:
-    from jumpout.models import Regularizer, create_model
+def _model_arguments(config: TrainConfig, info: Any) -> dict:
+    """What builds the model of ``config`` on the data set ``info`` describes
+    (`jumpout.models.model_arguments`; every checkpoint stores it for `load_model`)."""
+    from jumpout.models import Regularizer, model_arguments
 
     kwargs = {}
     if config.architecture.startswith("cnn"):
         kwargs["batch_norm"] = config.batch_norm
-    return create_model(
+    return model_arguments(
         config.architecture,
         info.num_classes,
         info.in_channels,
@@ -724,6 +800,12 @@ def _build_model(config: TrainConfig, info: Any) -> nn.Module:
         image_size=info.image_size,
         **kwargs,
     )
+
+
+def _build_model(config: TrainConfig, info: Any) -> nn.Module:
+    from jumpout.models import create_model_from_arguments
+
+    return create_model_from_arguments(_model_arguments(config, info))
 
 
 def _seed_everything(seed: int) -> None:
@@ -915,7 +997,13 @@ class _Checkpointer:
         prune; return the path written."""
         epoch = state["epoch"]
         path = self.out_dir / checkpoint_name(epoch, state["step"])
-        sha256, size = _atomic_save(state, path)
+        try:
+            sha256, size = _atomic_save(state, path)
+        except Exception as error:
+            cause = _os_error(error)
+            if cause is None:
+                raise
+            raise CheckpointWriteError(epoch, cause) from error
         self.hooks.call("on_checkpoint", str(path), epoch, sha256, size, is_best)
         self._prune(path, state["best_epoch"])
         return str(path)
@@ -1208,6 +1296,7 @@ class _Run:
     device: torch.device
     data: _Data
     model: nn.Module
+    model_args: dict  # what built ``model`` (`_model_arguments`), stored in every checkpoint
     step_model: nn.Module  # the compiled model with ``config.compile``, else ``model``
     layers: list[tuple[str, nn.Module]]  # the Jumpout layers, whose statistics are reported
     optimizer: torch.optim.Optimizer
@@ -1232,6 +1321,7 @@ def _start_run(config: TrainConfig, device: torch.device) -> _Run:
     sampler_generator = torch.Generator().manual_seed(config.seed)
     loader_generator = torch.Generator().manual_seed(config.seed + 1)
     data = _load_data(config, device)
+    model_args = _model_arguments(config, data.info)
     model = _build_model(config, data.info).to(device)
     image_model = data.train_x.ndim == 4 if data.resident else data.train_set[0][0].ndim == 3
     channels_last = use_cuda and image_model
@@ -1258,6 +1348,7 @@ def _start_run(config: TrainConfig, device: torch.device) -> _Run:
         device=device,
         data=data,
         model=model,
+        model_args=model_args,
         step_model=step_model,
         layers=layers,
         optimizer=optimizer,
@@ -1524,6 +1615,7 @@ def _checkpoint_state(
         rng["loader"] = interrupted.loader_state
     return {
         "model": run.model.state_dict(),
+        MODEL_ARGS_KEY: run.model_args,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.schedule.state_dict(),
         "rng": rng,

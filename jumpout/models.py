@@ -42,7 +42,9 @@ __all__ = [
     "WideResNet",
     "count_parameters",
     "create_model",
+    "create_model_from_arguments",
     "list_models",
+    "model_arguments",
     "register_model",
 ]
 
@@ -212,6 +214,51 @@ def create_model(
     if regularizer is None:
         regularizer = Regularizer("none")
     return _MODELS[name](num_classes, in_channels, regularizer, image_size, **kwargs)
+
+
+def model_arguments(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    regularizer: Regularizer | None = None,
+    *,
+    image_size: int = 32,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Everything :func:`create_model` needs to build this model again, as plain values (what a
+    checkpoint stores under ``"model_args"``, so that it loads with ``weights_only=True``):
+    ``{"architecture", "num_classes", "in_channels", "image_size", "regularizer"`` (the
+    :class:`Regularizer`'s fields: what fills the dropout slots, with the layer's keyword
+    arguments), ``"options"}`` (the model-specific keyword arguments, e.g. ``batch_norm``).
+    :func:`create_model_from_arguments` is its inverse."""
+    regularizer = regularizer or Regularizer("none")
+    return {
+        "architecture": str(name),
+        "num_classes": int(num_classes),
+        "in_channels": int(in_channels),
+        "image_size": int(image_size),
+        "regularizer": regularizer.to_dict(),
+        "options": dict(kwargs),
+    }
+
+
+def create_model_from_arguments(arguments: dict[str, Any]) -> nn.Module:
+    """Build the model :func:`model_arguments` describes (freshly initialised: load the weights
+    into it). Raises ValueError naming a missing or bad argument."""
+    try:
+        return create_model(
+            arguments["architecture"],
+            arguments["num_classes"],
+            arguments["in_channels"],
+            Regularizer(**arguments["regularizer"]),
+            image_size=arguments["image_size"],
+            **arguments.get("options", {}),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(
+            f"model arguments {sorted(arguments)} cannot rebuild a model ({exc!r}); expected the "
+            "keys architecture, num_classes, in_channels, image_size, regularizer, options"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------

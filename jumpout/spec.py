@@ -41,6 +41,7 @@ Jumpout's own hyper-parameters default to the paper's sigma=0.1, p_min=0.01, p_m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -58,8 +59,10 @@ __all__ = [
     "FieldSpec",
     "Method",
     "REQUIRED",
+    "SERVER_PATH_FIELDS",
     "Schedule",
     "TrainConfig",
+    "applicable_fields",
     "canonical_ablation",
     "default",
     "recipe_defaults",
@@ -499,6 +502,67 @@ def default(name: str) -> Any:
     if item.default_factory is not dataclasses.MISSING:
         return item.default_factory()
     return item.default
+
+
+SERVER_PATH_FIELDS: tuple[str, ...] = tuple(
+    name for name, spec in FIELDS.items() if spec.kind == PATH
+)
+"""The fields that hold a path of the machine that trains (`data_dir`, `out_dir`): the
+operator's business, never shown to an API client."""
+
+# The fields that only some methods read, and the rest that every run reads.
+_METHOD_FIELDS = frozenset({"dropout_rate", "sigma", "p_min", "p_max", "ablation", "ii_base_rate"})
+# Modification I's random rate, min(p_min + |N(0, sigma)|, p_max).
+_RANDOM_RATE = ("sigma", "p_min", "p_max")
+
+
+def applicable_fields(spec: Any) -> tuple[str, ...]:
+    """The fields of a resolved spec (a `TrainConfig` or its `to_dict`) that the run reads, in
+    declaration order: the rest hold defaults that change nothing.
+
+    What fills the dropout slots decides the method's fields: ``none`` reads none of them;
+    ``dropout`` its ``dropout_rate``; ``jumpout`` its ``ablation`` and, per the Table-1 row
+    (`jumpout.layer.ablation_kwargs`), ``sigma``/``p_min``/``p_max`` for a random rate
+    (modification I, and ``ii_base_rate="mean_of_i"``), ``dropout_rate`` for a fixed one, and
+    ``ii_base_rate`` in the rows with II but not I. ``batch_norm`` applies to ``cnn*`` only and
+    ``svhn_extra`` to ``svhn`` only. The rule is cached per combination: the API runs it for
+    every job of a list.
+    """
+    get = spec.get if isinstance(spec, dict) else lambda name: getattr(spec, name, None)
+    return _applicable(
+        get("method"), get("ablation"), get("ii_base_rate"), get("architecture"), get("dataset")
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _applicable(
+    method: str | None,
+    ablation: str | None,
+    ii_base_rate: str | None,
+    architecture: str | None,
+    dataset: str | None,
+) -> tuple[str, ...]:
+    if method == Method.DROPOUT:
+        used = {"dropout_rate"}
+    elif method == Method.JUMPOUT:
+        used = {"ablation"}
+        row = canonical_ablation(ablation) if ablation else None
+        modifications = TABLE1_ROWS[row] if row else frozenset({"I", "II", "III"})
+        if "I" in modifications:
+            used.update(_RANDOM_RATE)
+        elif "II" in modifications:
+            used.add("ii_base_rate")
+            used.update(_RANDOM_RATE if ii_base_rate == "mean_of_i" else ("dropout_rate",))
+        else:
+            used.add("dropout_rate")
+    else:
+        used = set()
+    skipped = _METHOD_FIELDS - used
+    if not str(architecture or "").startswith("cnn"):
+        skipped |= {"batch_norm"}
+    if dataset != "svhn":
+        skipped |= {"svhn_extra"}
+    return tuple(name for name in FIELDS if name not in skipped)
 
 
 # --------------------------------------------------------------------------------------------

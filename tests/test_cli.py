@@ -117,4 +117,4 @@ def test_train_prints_final_test_accuracy_and_the_validation_best_only_with_a_sp
 def test_demo_reports_no_test_selected_figure(capsys):
     assert main(["demo", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| method  | final test acc % | seconds |" in out and "best" not in out
+    assert "| method  | final test acc % |" in out and "best" not in out

@@ -117,3 +117,25 @@ def test_the_build_context_leaves_secrets_and_local_state_out(dockerfile):
         if line.upper().startswith(("COPY ", "ADD ")):
             sources = line.split()[1:-1]
             assert "." not in sources and "./" not in sources, f"copies the whole context: {line}"
+
+
+def test_the_monitoring_profile_is_optional_loopback_only_and_scrapes_with_a_token(compose):
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"], "Prometheus must not start by default"
+    image, _, tag = prometheus["image"].partition(":")
+    assert image == "prom/prometheus" and tag and tag != "latest", "pin the image by tag"
+    # Literally loopback (no variable): Prometheus' UI has no login.
+    assert all(str(port).startswith("127.0.0.1:") for port in prometheus["ports"])
+    config_file = REPO / compose["configs"]["prometheus_config"]["file"]
+    scrape = yaml.safe_load(config_file.read_text())["scrape_configs"]
+    assert [job["static_configs"][0]["targets"] for job in scrape] == [["api:8000"]]
+    (job,) = scrape
+    assert job["metrics_path"] == "/metrics"
+    # The API requires a token there: read from the secret's file, never written in the config.
+    assert job["authorization"]["type"] == "Bearer"
+    assert job["authorization"]["credentials_file"] == "/run/secrets/prometheus_token"
+    assert prometheus["secrets"] == ["prometheus_token"]
+    token_file = Path(compose["secrets"]["prometheus_token"]["file"].split(":-")[-1].rstrip("}"))
+    for ignore_file in (".dockerignore", ".gitignore"):
+        patterns = (REPO / ignore_file).read_text().splitlines()
+        assert any(token_file.match(pattern) for pattern in patterns if pattern), ignore_file

@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, or_, select
 
-from jobstore import db, jobs, queue
+from jobstore import db, events, jobs, queue
 from jobstore.fairshare import CLAIMABLE
 from jobstore.settings import get_settings
 from jobstore.tables import Job
@@ -55,6 +55,7 @@ def reap_once(
         timeout_s=settings.heartbeat_timeout,
         max_attempts=settings.max_attempts,
     )
+    events.publish_changed(*stale)  # back to queued: the event streams' `status`
     for job_id in stale:
         log.warning(
             "job %s: heartbeat older than %.0fs, requeued", job_id, settings.heartbeat_timeout

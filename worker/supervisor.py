@@ -19,6 +19,10 @@ trainer exit               job
 0                          ``succeeded``
 ``EXIT_FAILED`` (3)        ``failed`` with the reason the trainer wrote to its result file
                            (bad config, missing dataset, non-finite loss, CUDA OOM): never retried
+``EXIT_ENVIRONMENT`` (5)   ``failed`` at once: the server's disk is full (``worker.failures``);
+                           the reason says which checkpoint is intact and how to resume the job
+                           once space is freed (``POST /v1/jobs/{id}/retry``); never retried,
+                           as another attempt would fail the same way
 anything, after a cancel   ``cancelled`` (the trainer checkpoints and exits ``EXIT_STOPPED``;
 request                    after ``cancel_grace`` s it gets SIGTERM, 10 s later SIGKILL)
 anything, after a worker   requeued at once without using up an attempt; resumes from the
@@ -26,9 +30,17 @@ shutdown                   checkpoint the trainer wrote when told to stop
 anything, after the job    nothing: the reaper already gave the job to another attempt (this
 was taken away             one's heartbeats did not reach the database in time)
 anything else (signal,     requeued while ``attempt < max_attempts`` (the next attempt resumes
-OOM, crash, the template   from the newest checkpoint whose sha256 matches), else ``failed``;
-died under the trainer)    the error keeps the last 2 KB of the trainer's output
+OOM, crash, the template   from the newest checkpoint whose sha256 matches; a retried job has
+died under the trainer)    more, ``jobs.attempt_budget``), else ``failed``; the error reads
+                           "attempt 2 of 3: RuntimeError: ... (the full output: GET
+                           /v1/jobs/<id>/log)": the exception the trainer wrote to its result
+                           file, else how it ended and its last line of output, never a
+                           traceback or a server path (``worker.failures``)
 =========================  =================================================================
+
+A full disk under the supervisor itself (the job's directory or log cannot be created) fails the
+job the same way as ``EXIT_ENVIRONMENT``, without starting the trainer; a log line that cannot be
+written is skipped.
 """
 
 from __future__ import annotations
@@ -44,9 +56,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobstore import db, jobs
+from jobstore import db, events, joblog, jobs
 from jobstore.settings import get_settings
+from jobstore.storage import is_disk_full
 from jobstore.tables import JobStatus
+from worker.failures import attempt_error, disk_full_reason, last_output_line
 from worker.template import ForkedTrainer, TemplateError, TrainerTemplate
 
 log = logging.getLogger(__name__)
@@ -54,11 +68,16 @@ log = logging.getLogger(__name__)
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 3
 EXIT_STOPPED = 4
+EXIT_ENVIRONMENT = 5
 
 KILL_AFTER_TERM_S = 10.0
 ERROR_TAIL_BYTES = 2048
 RESULT_FILE = "trainer-result.json"
-LOG_FILE = "trainer.log"
+# Room kept for the trainer's result file from the start of each attempt (blank: no reason yet),
+# which the trainer writes over in place: on a disk that filled up meanwhile, a new file could not
+# be written, and the reason of the failure is what the job's error needs most.
+RESULT_RESERVED_BYTES = 4096
+LOG_FILE = joblog.LOG_FILE  # the API reads it by the same name
 
 _shutdown_requested = False
 
@@ -98,10 +117,13 @@ def run(job_id: str = "") -> str | None:
         log.info(
             "message for job %s: claimed job %s, next in the fair order", job_id or "-", job.id
         )
+    events.publish_changed(job.id)  # running: the event streams' `status`
     _dispatch_more()
+    budget = jobs.attempt_budget(job.max_attempts, configured=settings.max_attempts)
     try:
-        return supervise(job.id, attempt=job.attempt)
+        return supervise(job.id, attempt=job.attempt, max_attempts=budget)
     finally:
+        events.publish_changed(job.id)  # finished, cancelled or requeued (committed by now)
         _dispatch_more()
 
 
@@ -198,18 +220,35 @@ def start_trainer(job_id: str, log_file, command: list[str] | None = None):
     )
 
 
-def supervise(job_id: str, *, attempt: int, command: list[str] | None = None) -> str | None:
+def supervise(
+    job_id: str,
+    *,
+    attempt: int,
+    command: list[str] | None = None,
+    max_attempts: int | None = None,
+) -> str | None:
     """Run the trainer (``command``, default ``trainer_command(job_id)``) for a claimed job until
-    it exits, then record the outcome."""
+    it exits, then record the outcome. ``max_attempts``: the job's budget (default: the
+    setting)."""
     settings = get_settings()
     out_dir = jobs.job_directory(job_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / RESULT_FILE
-    result_path.unlink(missing_ok=True)
     log_path = out_dir / LOG_FILE
-    with open(log_path, "ab") as log_file:
-        log_file.write(f"\n=== attempt {attempt} ===\n".encode())
-        log_file.flush()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result_path.write_bytes(b" " * RESULT_RESERVED_BYTES)  # JSON whitespace: no reason
+        # Unbuffered: a header that a full disk refuses must not stay in a buffer and fail later.
+        log_file = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed below
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        log.error("job %s: no space left for its directory or log: %s", job_id, error)
+        return _fail_for_environment(job_id, attempt=attempt)
+    with log_file:
+        try:
+            log_file.write(f"\n=== attempt {attempt} ===\n".encode())
+        except OSError as error:  # a full disk: the trainer will meet it too, and say so
+            log.warning("job %s: could not write to its log: %s", job_id, error)
         start_offset = log_file.tell()
         trainer = start_trainer(job_id, log_file, command)
     log.info("job %s attempt %d: trainer pid %d", job_id, attempt, trainer.pid)
@@ -222,6 +261,7 @@ def supervise(job_id: str, *, attempt: int, command: list[str] | None = None) ->
             break
         except subprocess.TimeoutExpired:
             pass
+        joblog.cut_log(log_path, settings.log_max_bytes)  # bounded on disk, offsets kept
         now = time.monotonic()
         owned = True
         if now >= next_heartbeat:
@@ -248,6 +288,7 @@ def supervise(job_id: str, *, attempt: int, command: list[str] | None = None) ->
         stop=stop,
         result_path=result_path,
         tail=_tail(log_path, start_offset),
+        max_attempts=max_attempts,
     )
 
 
@@ -273,8 +314,10 @@ def _record_outcome(
     stop: _Stop | None,
     result_path: Path,
     tail: str,
+    max_attempts: int | None = None,
 ) -> str | None:
     settings = get_settings()
+    budget = max_attempts if max_attempts is not None else settings.max_attempts
     reason = stop.reason if stop is not None else None
     if reason == "lost":
         log.warning("job %s attempt %d: no longer ours; left to its new owner", job_id, attempt)
@@ -293,25 +336,50 @@ def _record_outcome(
         return JobStatus.QUEUED
     elif returncode == EXIT_FAILED:
         status, error = JobStatus.FAILED, _read_reason(result_path) or tail
+    elif returncode == EXIT_ENVIRONMENT:
+        return _fail_for_environment(job_id, attempt=attempt, reason=_read_reason(result_path))
     else:
         how = _describe_exit(returncode)
-        if attempt < settings.max_attempts:
+        crash = _read_reason(result_path) or _crash_reason(how, returncode, tail)
+        error = attempt_error(job_id, attempt=attempt, budget=budget, reason=crash)
+        if attempt < budget:
             log.warning("job %s attempt %d: trainer %s; requeueing", job_id, attempt, how)
-            note = f"attempt {attempt}: trainer {how}: {tail}"
-            if db.call(jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=True):
+            if db.call(jobs.requeue_job, job_id, attempt=attempt, error=error, count_attempt=True):
                 _enqueue(job_id)
             return JobStatus.QUEUED
         status = JobStatus.FAILED
-        error = f"trainer {how} on attempt {attempt} of {settings.max_attempts}: {tail}"
     db.call(jobs.finish_job, job_id, status=status, error=error, attempt=attempt)
     log.info("job %s attempt %d: %s", job_id, attempt, status)
     return status
 
 
+def _crash_reason(how: str, returncode: int, tail: str) -> str:
+    """A crash that left no reason of its own: how it ended and, when it exited by itself, its
+    last line of output (a killed process's last line is whatever it was doing)."""
+    line = last_output_line(tail) if returncode > 0 else ""
+    return f"trainer {how}: {line}" if line else f"trainer {how}"
+
+
+def _fail_for_environment(job_id: str, *, attempt: int, reason: str | None = None) -> str:
+    """Fail the job at once for a full disk (see the table above): ``reason`` is the trainer's
+    (which checkpoint it could not write), else one written here."""
+    if reason is None:
+        newest = _best_effort(jobs.newest_valid_checkpoint, job_id)
+        reason = disk_full_reason(job_id, intact_epoch=newest.epoch if newest else None)
+    db.call(jobs.finish_job, job_id, status=JobStatus.FAILED, error=reason, attempt=attempt)
+    log.error("job %s attempt %d: failed, the disk is full", job_id, attempt)
+    return JobStatus.FAILED
+
+
 def _enqueue(job_id: str) -> None:
+    """Best effort: the job is queued in the database already; the reaper publishes for it if
+    the broker is down or hangs."""
     from jobstore.queue import enqueue_job
 
-    enqueue_job(job_id)
+    try:
+        enqueue_job(job_id)
+    except Exception as error:  # noqa: BLE001 - the reaper covers it
+        log.warning("job %s stays queued for the reaper: could not publish (%s)", job_id, error)
 
 
 def _cancel_requested_now(job_id: str) -> bool:

@@ -12,7 +12,13 @@ what happened (see ``worker.supervisor``):
   out of memory); the
   readable reason is in ``trainer-result.json`` next to the checkpoints; retrying cannot help;
 * ``EXIT_STOPPED``: stopped on request after checkpointing;
-* anything else (an exception, a signal, the OOM killer): a crash, retried from a checkpoint.
+* ``EXIT_ENVIRONMENT``: the server's disk is full (a checkpoint, the log or the database could
+  not be written: `jobstore.storage.is_disk_full`); the partial checkpoint is gone, the earlier
+  ones intact, and the reason (`worker.failures.disk_full_reason`) says how to resume the job
+  once space is freed; retrying before that cannot help;
+* anything else (an exception, a signal, the OOM killer): a crash, retried from a checkpoint;
+  for an exception the result file holds ``"<ExceptionType>: <message>"`` without the server's
+  paths (`worker.failures.describe_exception`), and the traceback is in the log.
 """
 
 from __future__ import annotations
@@ -27,10 +33,18 @@ import threading
 import time
 from typing import Any
 
-from jobstore import db, jobs
+from jobstore import datasets, db, events, jobs
 from jobstore.settings import get_settings
+from jobstore.storage import is_disk_full
 from jobstore.tables import JobStatus
-from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, EXIT_SUCCEEDED, RESULT_FILE
+from worker.failures import describe_exception, disk_full_reason
+from worker.supervisor import (
+    EXIT_ENVIRONMENT,
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    EXIT_SUCCEEDED,
+    RESULT_FILE,
+)
 
 log = logging.getLogger("worker.trainer")
 
@@ -49,8 +63,12 @@ class StoreCallback:
     sub-second epochs, one per interval.
     """
 
-    def __init__(self, job_id: str, *, stop_event: threading.Event, parent_pid: int) -> None:
+    def __init__(
+        self, job_id: str, *, stop_event: threading.Event, parent_pid: int, epochs: int = 1
+    ) -> None:
         self.job_id = job_id
+        # Progress within an epoch, for the event streams only (not stored), at most 2/s.
+        self.progress = events.ProgressReporter(job_id, epochs=epochs)
         self.stop_event = stop_event
         self.parent_pid = parent_pid
         self._cancel_checked_at = float("-inf")
@@ -65,19 +83,22 @@ class StoreCallback:
         if self._pending:
             db.call(_record_progress, self.job_id, self._pending)
             self._pending = []
+            events.publish_changed(self.job_id)
 
     def on_checkpoint(
         self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
     ) -> None:
         checkpoint = dict(path=path, epoch=epoch, sha256=sha256, size_bytes=size_bytes)
         db.call(_record_progress, self.job_id, self._pending, {**checkpoint, "is_best": is_best})
+        if self._pending:
+            events.publish_changed(self.job_id)
         self._pending = []
 
     def on_checkpoint_removed(self, path: str) -> None:
         db.call(jobs.forget_checkpoint, self.job_id, path=path)
 
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
-        pass
+        self.progress.on_step(epoch, step, steps, loss)
 
     def should_stop(self) -> bool:
         if self.stop_event.is_set() or os.getppid() != self.parent_pid:
@@ -130,10 +151,50 @@ def _die_with_parent() -> None:
 
 
 def _write_result(job_id: str, error: str) -> None:
+    """The failure's reason, for the supervisor, written over the room it reserved for it
+    (`worker.supervisor.RESULT_RESERVED_BYTES`): that still works on a disk that has filled up.
+    The supervisor reads it only once this process has exited."""
     path = jobs.job_directory(job_id) / RESULT_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"status": JobStatus.FAILED, "error": error}))
-    os.replace(tmp, path)
+    data = json.dumps({"status": JobStatus.FAILED, "error": error}).encode()
+    with open(path, "r+b" if path.exists() else "wb") as result:
+        result.write(data)
+        result.truncate()
+
+
+def _write_result_quietly(job_id: str, error: str) -> None:
+    """`_write_result` where the disk may be full: a failure is logged, and the supervisor
+    falls back on a reason of its own."""
+    try:
+        _write_result(job_id, error)
+    except OSError as write_error:
+        log.warning("could not write the result file: %s", write_error)
+
+
+def _fail_for_environment(job_id: str, error: BaseException) -> int:
+    """The disk is full: record why and how to resume; ``EXIT_ENVIRONMENT`` (not retried)."""
+    from jumpout.engine import CheckpointWriteError
+
+    log.error("job %s: no space left on the disk", job_id, exc_info=error)
+    failed_epoch = None
+    cause: BaseException | None = error
+    while cause is not None and failed_epoch is None:
+        if isinstance(cause, CheckpointWriteError):
+            failed_epoch = cause.epoch
+        cause = cause.__cause__ or cause.__context__
+    try:
+        # The engine removed the partial file; the newest checkpoint whose sha256 matches is
+        # what a retry resumes from.
+        intact = db.call(jobs.newest_valid_checkpoint, job_id, retry_for_s=0)
+    except Exception as read_error:  # noqa: BLE001 - the reason is written without it
+        log.warning("could not read the job's checkpoints: %s", read_error)
+        intact = None
+    reason = disk_full_reason(
+        job_id,
+        failed_epoch=failed_epoch,
+        intact_epoch=intact.epoch if intact is not None else None,
+    )
+    _write_result_quietly(job_id, reason)
+    return EXIT_ENVIRONMENT
 
 
 def _init_source(job, config, *, resuming: bool) -> dict | None:
@@ -196,7 +257,9 @@ def train(job_id: str) -> int:
     # What reproducing the job needs beyond its spec; this attempt's replaces an earlier one's.
     provenance = environment(config, device=device, init_source=init_source)
     db.call(jobs.set_environment, job_id, environment=provenance, device=_describe_device(device))
-    callback = StoreCallback(job_id, stop_event=stop_event, parent_pid=parent_pid)
+    callback = StoreCallback(
+        job_id, stop_event=stop_event, parent_pid=parent_pid, epochs=config.epochs
+    )
     try:
         result = fit(
             config,
@@ -209,7 +272,10 @@ def train(job_id: str) -> int:
         _write_result(job_id, f"invalid job spec: {error}")
         return EXIT_FAILED
     except DatasetNotFoundError as error:
-        _write_result(job_id, f"dataset not found: {error}")
+        # The library's message (server paths, download=True) is for this log; the job's error
+        # is for an API client and says what the server's operator must do.
+        log.warning("job %s: %s", job_id, error)
+        _write_result(job_id, datasets.worker_failure_message(config))
         return EXIT_FAILED
     except NonFiniteLossError as error:
         _write_result(job_id, f"training diverged: {error}")
@@ -237,7 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return train(args[0])
+    job_id = args[0]
+    try:
+        return train(job_id)
+    except Exception as error:
+        if is_disk_full(error):
+            return _fail_for_environment(job_id, error)
+        # A crash, retried while attempts remain (it may be transient): the job's error names
+        # the exception (`worker.failures`); the traceback goes to the log as the error rises.
+        _write_result_quietly(job_id, describe_exception(error))
+        raise
 
 
 if __name__ == "__main__":

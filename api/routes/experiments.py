@@ -6,11 +6,10 @@ An experiment is visible to its owner and to admins only; to anyone else it does
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from api import queries
@@ -22,8 +21,15 @@ from api.experiment_schemas import (
     ExperimentsPage,
     ReportFormat,
 )
+from api.idempotency import (
+    REPLAYED_RESPONSE_HEADERS,
+    IdempotencyKeyHeader,
+    create_once,
+    replay_headers,
+)
 from api.schemas import error_responses
 from jobstore import db, experiments, queue
+from jobstore.idempotency import EXPERIMENTS_ROUTE, IdempotentRequest, StoredAnswer
 from jumpout.report import report_csv, report_markdown
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
@@ -54,10 +60,37 @@ def _experiment_body(connection, experiment_id: str, principal) -> bytes:
     operation_id="submit_experiment",
     status_code=status.HTTP_201_CREATED,
     response_model=ExperimentRead,
-    responses=error_responses(400, 401, 413, 422),
+    responses={
+        201: {
+            "description": "The experiment, its jobs queued",
+            "headers": REPLAYED_RESPONSE_HEADERS,
+        },
+        **error_responses(400, 401, 413, 422, 507),
+    },
 )
-async def submit_experiment(body: ExperimentCreate, credentials: BearerDep):
+async def submit_experiment(
+    body: ExperimentCreate,
+    credentials: BearerDep,
+    background: BackgroundTasks,
+    idempotency_key: IdempotencyKeyHeader = None,
+):
     request = body.model_dump(exclude_unset=True)
+    if idempotency_key is not None:
+        experiment_id, job_ids, content, replayed = await run_in_threadpool(
+            _store_once, request, presented_token(credentials), idempotency_key
+        )
+        if replayed:
+            # Nothing new was stored, so nothing is enqueued (jobstore.idempotency).
+            location = f"/v1/experiments/{experiment_id}"
+            return queries.json_response(
+                content, status.HTTP_201_CREATED, headers=replay_headers(location)
+            )
+        background.add_task(queue.try_enqueue_all, job_ids)
+        return queries.json_response(
+            content,
+            status.HTTP_201_CREATED,
+            headers={"Location": f"/v1/experiments/{experiment_id}"},
+        )
     priority = request.pop("priority", 0)
     # In the thread pool on both backends, unlike a single job's submission: planning and
     # resolving up to max_experiment_jobs specs is tens of milliseconds of CPU, which on the
@@ -66,8 +99,9 @@ async def submit_experiment(body: ExperimentCreate, credentials: BearerDep):
     experiment_id, job_ids, content = await run_in_threadpool(
         _store, request, priority, presented_token(credentials)
     )
-    # Committed first; shielded, so a client that hangs up cannot stop the publishing half-way.
-    await asyncio.shield(queue.try_enqueue_all(job_ids))
+    # Committed first; published once the answer is sent (bounded, and the reaper covers the
+    # jobs it does not announce), so the client never waits for the broker.
+    background.add_task(queue.try_enqueue_all, job_ids)
     return queries.json_response(
         content,
         status.HTTP_201_CREATED,
@@ -75,13 +109,43 @@ async def submit_experiment(body: ExperimentCreate, credentials: BearerDep):
     )
 
 
-def _store(request: dict, priority: int, token: str | None) -> tuple[str, list[str], bytes]:
-    principal = queries.caller(token)
+def _store(
+    request: dict,
+    priority: int,
+    token: str | None,
+    idempotency: IdempotentRequest | None = None,
+    principal=None,
+) -> tuple[str, list[str], bytes]:
+    principal = principal or queries.caller(token)
     with db.session_scope() as session:
         experiment_id, job_ids = experiments.create_experiment(
-            session, request=request, owner_id=principal.id, priority=priority
+            session,
+            request=request,
+            owner_id=principal.id,
+            priority=priority,
+            idempotency=idempotency,
         )
     return experiment_id, job_ids, queries.read(_experiment_body, experiment_id, principal)
+
+
+def _store_once(request: dict, token: str | None, key: str) -> tuple[str, list[str], bytes, bool]:
+    """`_store` with an Idempotency-Key: (experiment id, job ids, body, whether a replay)."""
+    principal = queries.caller(token)
+    once = IdempotentRequest.of(
+        owner_id=principal.id, route=EXPERIMENTS_ROUTE, key=key, body=request
+    )
+    plan = dict(request)
+    priority = plan.pop("priority", 0)
+
+    def create(idempotency: IdempotentRequest) -> tuple[str, list[str], bytes]:
+        return _store(plan, priority, token, idempotency, principal)
+
+    def replay(answer: StoredAnswer) -> tuple[str, list[str], bytes]:
+        body = queries.read(_experiment_body, answer.resource_id, principal)
+        return answer.resource_id, [], body
+
+    (experiment_id, job_ids, content), replayed = create_once(once, create, replay)
+    return experiment_id, job_ids, content, replayed
 
 
 @router.get(
@@ -122,7 +186,7 @@ async def read_experiment(experiment_id: str, credentials: BearerDep):
     operation_id="cancel_experiment",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ExperimentRead,
-    responses=error_responses(401, 404, 413, 422),
+    responses=error_responses(401, 404, 413, 422, 507),
 )
 def cancel_experiment(experiment_id: str, session: SessionDep, principal: TokenDep):
     experiments.request_experiment_cancel(session, experiment_id, principal=principal)

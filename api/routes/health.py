@@ -4,19 +4,25 @@
 `settings.health_ping_timeout` (0.5 s): exact, and it needs no extra state in the database, at the
 price of that wait on every call. DB and broker decide the status code; zero workers is still 200
 (jobs queue up until one starts).
+
+`storage` gives the free space of each filesystem the service writes to (`jobstore.storage`,
+named by role, never by path: this route is public); one below `settings.min_free_bytes` makes the
+`status` "degraded", still 200: reads work, and a write that meets a full disk answers 507
+`storage_full`.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionDep
-from api.schemas import Health
-from jobstore import queue
+from api.schemas import Health, VolumeRead
+from jobstore import queue, storage
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,14 @@ def health(session: SessionDep):
         database = "unavailable"
     broker_ok = queue.broker_ping()
     workers = queue.count_workers() if broker_ok else 0
-    body = Health(database=database, broker="ok" if broker_ok else "unavailable", workers=workers)
+    volumes = storage.volumes()
+    low = storage.low_volumes(volumes)
     ok = database == "ok" and broker_ok
+    body = Health(
+        status="unavailable" if not ok else "degraded" if low else "ok",
+        database=database,
+        broker="ok" if broker_ok else "unavailable",
+        workers=workers,
+        storage=[VolumeRead(**asdict(volume), low=volume in low) for volume in volumes],
+    )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

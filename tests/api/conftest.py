@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from jobstore import db, queue
 from jobstore.settings import get_settings
 
-TABLES = ("epoch_metrics", "checkpoints", "jobs", "api_tokens")
+TABLES = ("epoch_metrics", "checkpoints", "jobs", "api_tokens", "idempotency_keys")
 QUICK_SPEC = {"dataset": "synthetic", "architecture": "mlp"}
 
 
@@ -60,6 +60,9 @@ def settings(monkeypatch, tmp_path, database_url):
         broker_url="redis://127.0.0.1:6379/15",
         auth_required="false",
         max_queued_per_token=100,
+        # A TestClient reads a streaming response to its end: the event stream and a followed
+        # log of a job that is still queued or running must end on their own.
+        stream_max_s=0.3,
     )
     yield get_settings()
     db.dispose_engines()

@@ -49,7 +49,8 @@ def test_metrics_upsert_never_duplicates_an_epoch(client, session, make_job):
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["progress"]["epoch"] == 3 and job["progress"]["fraction"] == 1.0
     assert job["result"] == {
-        "final_accuracy": 0.5,
+        "final_accuracy": None,  # the job has not succeeded
+        "latest_accuracy": 0.5,
         "best_val_accuracy": 0.4,
         "best_epoch": 3,
         "test_accuracy_at_best": 0.5,

@@ -11,7 +11,8 @@ test_tokens.py has the basic cases (hashes stored, 401/403/202, revocation throu
 
 Why /docs, /redoc and /openapi.json are public: the schema describes only what the API accepts
 (routes, field bounds, the registry names a client must choose from) and that it needs a bearer
-token; it holds no data and no secret, and a client needs it before it has a token. Everything
+token; it holds no data and no secret, and a client needs it before it has a token. Likewise the
+dashboard's page and static files (`/`, `/static/...`): code that asks for the token. Everything
 that reads or changes jobs, metrics or checkpoint files needs one.
 """
 
@@ -35,7 +36,13 @@ PUBLIC = {
     ("GET", "/docs"),
     ("GET", "/docs/oauth2-redirect"),
     ("GET", "/redoc"),
+    # The dashboard's page and its files (api/routes/dashboard.py): code, no data; the page must
+    # load before it can ask for a token.
+    ("GET", "/"),
+    ("GET", "/static/{path:path}"),
 }
+# A concrete URL for a public route with a path parameter.
+PUBLIC_EXAMPLES = {"/static/{path:path}": "/static/app.css"}
 
 
 def app_routes(app) -> list[tuple[str, str]]:
@@ -100,7 +107,12 @@ def real_ids(session, settings, make_job, tokens) -> dict[str, str]:
     experiment_id, _ = experiments.create_experiment(
         session, request={"base": SPEC, "rows": [{}], "seeds": 1}, owner_id=tokens["alice"][0]
     )
-    return {"job_id": job_id, "checkpoint_id": str(checkpoint.id), "experiment_id": experiment_id}
+    return {
+        "job_id": job_id,
+        "checkpoint_id": str(checkpoint.id),
+        "epoch": str(checkpoint.epoch),
+        "experiment_id": experiment_id,
+    }
 
 
 def request(client, method: str, path: str, ids: dict[str, str], headers=None):
@@ -134,6 +146,11 @@ def test_every_route_but_the_public_ones_needs_a_valid_token(
         error = response.json()["error"]
         assert error["code"] == "unauthorized" and error["fields"] == [], reason
     assert enqueued == []
+    if path == "/v1/jobs/{job_id}/retry":  # only a failed or cancelled job can be retried
+        cancel = request(
+            client, "POST", "/v1/jobs/{job_id}/cancel", real_ids, bearer(tokens["alice"][1])
+        )
+        assert cancel.status_code == 202, cancel.text
     # The same request with a valid token gets past authentication.
     response = request(client, method, path, real_ids, bearer(tokens["alice"][1]))
     assert response.status_code < 400, response.text
@@ -144,7 +161,7 @@ def test_the_public_routes_answer_without_a_token_and_hold_no_secret(
     client, auth_on, settings, tokens
 ):
     for method, path in sorted(PUBLIC):
-        response = client.request(method, path)
+        response = client.request(method, PUBLIC_EXAMPLES.get(path, path))
         assert response.status_code in (200, 503), (path, response.status_code)
         for _, token in tokens.values():
             assert token not in response.text

@@ -28,11 +28,11 @@ def test_submit_answers_201_with_location_and_the_resolved_spec(client, settings
     assert job["cancel_requested"] is False
     assert job["progress"] == {"epoch": 0, "epochs": 3, "fraction": 0.0, "eta_seconds": None}
     spec = job["spec"]
-    # Recipe defaults are filled; the server chose the paths and the device.
+    # Recipe defaults are filled; the server chose the device; its paths are not shown, nor
+    # the fields a jumpout job does not read (tests/api/test_job_answer.py).
     assert spec["epochs"] == 3 and spec["method"] == "jumpout"
     assert {"lr", "batch_size", "sigma", "p_min", "p_max", "schedule"} <= set(spec)
-    assert spec["out_dir"] == str(settings.artifact_dir / "jobs" / job["id"])
-    assert spec["data_dir"] == str(settings.data_dir)
+    assert not {"out_dir", "data_dir", "dropout_rate"} & set(spec)
     assert spec["device"] == settings.device
     assert enqueued == [job["id"]]
     assert job["queue"] is None  # the submission answers without placing it in line
@@ -202,7 +202,8 @@ def test_list_is_newest_first_with_filters_and_an_opaque_cursor(client, session,
 def test_bad_list_parameters_are_422(client, params, field):
     response = client.get("/v1/jobs", params=params)
     assert response.status_code == 422, response.text
-    assert field in error_fields(response)
+    # A list filter names the value's position too: status.0 (tests/api/test_list_filters.py).
+    assert field in {name.split(".")[0] for name in error_fields(response)}
 
 
 def test_cancel_a_queued_job_cancels_it_at_once(client, make_job):

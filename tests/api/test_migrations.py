@@ -15,7 +15,7 @@ def test_migrated_schema_matches_the_models(settings):
     with db.get_engine().connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_revision() == "0002"
+        assert context.get_current_revision() == "0003"
 
 
 def test_downgrade_to_base_and_upgrade_again(settings):
@@ -26,7 +26,8 @@ def test_downgrade_to_base_and_upgrade_again(settings):
     db.dispose_engines()
     db.migrate()
     names = set(inspect(db.get_engine()).get_table_names())
-    assert {"jobs", "epoch_metrics", "checkpoints", "api_tokens", "experiments"} <= names
+    tables = {"jobs", "epoch_metrics", "checkpoints", "api_tokens", "experiments"}
+    assert tables | {"idempotency_keys"} <= names
 
 
 def test_sqlite_connections_use_wal_and_foreign_keys(settings):

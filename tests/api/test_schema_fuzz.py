@@ -85,7 +85,12 @@ def known(session, make_job, settings, token) -> dict[str, object]:
                  "seeds": 2},
         owner_id=token[0],
     )  # fmt: skip
-    return {"job_id": job_id, "checkpoint_id": checkpoint.id, "experiment_id": experiment_id}
+    return {
+        "job_id": job_id,
+        "checkpoint_id": checkpoint.id,
+        "epoch": checkpoint.epoch,
+        "experiment_id": experiment_id,
+    }
 
 
 def _strategies(operation, known: dict[str, object], token: str):

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from jobstore import datasets
+from jobstore.errors import InvalidSpec
 from jumpout import cli
 from jumpout.spec import FIELDS, ConfigError, FieldSpec, resolve_config
 
@@ -114,11 +116,23 @@ def test_config_and_command_line_agree_on_every_boundary(name, value, accepted):
 @pytest.mark.parametrize(
     ("name", "value", "accepted"), [case for case in CASES if not FIELDS[case.values[0]].operator]
 )
-def test_the_api_agrees_with_the_library_on_every_boundary(client, name, value, accepted):
+def test_the_api_agrees_with_the_library_on_every_boundary(client, settings, name, value, accepted):
     body = {**PAIR, **COMPANIONS.get(name, {}), name: value}
     response = client.post("/v1/jobs", json=body)
     verdict = config_verdict(name, value)
     if accepted:
+        # What the spec accepts, this server may still be unable to run (a data set whose files
+        # it lacks, a cap beyond the data set: jobstore.datasets), and says so the same way.
+        values = {**body, "data_dir": str(settings.data_dir)}
+        config = resolve_config(values.pop("dataset"), values.pop("architecture"), **values)
+        try:
+            datasets.check_trainable(config)
+        except InvalidSpec as refused:
+            assert name in ("dataset", "svhn_extra", "train_size", "test_size"), refused.fields
+            assert response.status_code == 422, response.text
+            fields = {f["field"]: f["message"] for f in response.json()["error"]["fields"]}
+            assert fields == {f.field: f.message for f in refused.fields}
+            return
         assert response.status_code == 201, response.text
         return
     assert response.status_code == 422, response.text

@@ -300,23 +300,42 @@ def _trainer_pids(job_id: str) -> list[int]:
     return pids
 
 
+@contextlib.contextmanager
+def running_stack(
+    home: Path,
+    *,
+    database_url: str | None = None,
+    names: tuple[str, ...] = ("api", "reaper", "worker"),
+    stack_class: type[Stack] = Stack,
+    **env: str,
+) -> Iterator[Stack]:
+    """Redis, the migrations and the service's processes under ``home`` (SQLite there unless
+    ``database_url`` is given), all stopped on exit."""
+    redis = RedisServer(home / "redis")
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(redis.stop)
+        service = stack_class(
+            home,
+            database_url=database_url or f"sqlite:///{home / 'jumpout.db'}",
+            redis=redis,
+            **env,
+        )
+        cleanup.callback(service.close)
+        service.migrate()
+        for name in names:
+            service.start(name)
+        yield service
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def stack(request, tmp_path_factory) -> Iterator[Stack]:
     """The whole service, once per test module and database backend."""
     home = tmp_path_factory.mktemp(f"stack-{request.param}")
-    redis = RedisServer(home / "redis")
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(redis.stop)
+        database_url = None
         if request.param == "postgres":
             database_url = cleanup.enter_context(postgres_database())
-        else:
-            database_url = f"sqlite:///{home / 'jumpout.db'}"
-        service = Stack(home, database_url=database_url, redis=redis)
-        cleanup.callback(service.close)
-        service.migrate()
-        for name in ("api", "reaper", "worker"):
-            service.start(name)
-        yield service
+        yield cleanup.enter_context(running_stack(home, database_url=database_url))
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +347,7 @@ def service_kit():
         Process=Process,
         RedisServer=RedisServer,
         Stack=Stack,
+        running_stack=running_stack,
         postgres_database=postgres_database,
         free_port=free_port,
     )

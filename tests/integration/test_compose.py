@@ -100,9 +100,13 @@ def test_passwords_are_required(passwords):
 
 def test_only_the_api_publishes_a_port(compose):
     published = {name for name, service in compose["services"].items() if service.get("ports")}
-    assert published == {"api"}
+    # Besides the API, only the optional `monitoring` profile's Prometheus (its UI), on loopback.
+    assert published == {"api", "prometheus"}
     for port in compose["services"]["api"]["ports"]:
         assert str(port).startswith("127.0.0.1:"), "bind the API to loopback by default"
+    assert compose["services"]["prometheus"]["profiles"] == ["monitoring"]
+    for port in compose["services"]["prometheus"]["ports"]:
+        assert str(port).startswith("127.0.0.1:"), "Prometheus has no login: loopback only"
 
 
 def test_redis_requires_a_password(compose, passwords):

@@ -30,6 +30,7 @@ import torch
 from celery import Celery
 
 from jobstore.queue import QUEUE, RUN_JOB_TASK
+from jumpout import catalog
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -375,6 +376,10 @@ def test_always_crashing_jobs_fail_once_and_the_worker_moves_on(stack):
         dataset="digits", architecture="mlp", epochs=10, lr=10, schedule="constant",
         method="none", batch_norm=False,
     )  # fmt: skip
+    # Present at submission (a job without its files is refused then), unreadable at the start.
+    for relative in catalog.entry("cifar10").files:
+        (stack.home / "data" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (stack.home / "data" / relative).write_bytes(b"not the real file")
     missing = stack.submit(dataset="cifar10", architecture="mlp", epochs=1)
     good = stack.submit(**TINY)
     nan = stack.wait_finished(diverges["id"], timeout=120)

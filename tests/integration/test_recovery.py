@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from jumpout import catalog
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(240),
@@ -42,6 +44,11 @@ def cancel_and_wait(stack, job_id: str) -> dict:
 
 
 def test_missing_dataset_fails_once_with_a_readable_reason(stack):
+    # A submission without the files is refused (test_submit_refused.py); files that are there
+    # at submission but unreadable when the job starts (corrupted, replaced) fail the job.
+    for relative in catalog.entry("cifar10").files:
+        (stack.home / "data" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (stack.home / "data" / relative).write_bytes(b"not the real file")
     job = stack.submit(dataset="cifar10", architecture="mlp", epochs=1)
     done = stack.wait_finished(job["id"])
     assert done["status"] == "failed"
@@ -51,7 +58,8 @@ def test_missing_dataset_fails_once_with_a_readable_reason(stack):
 
 
 def test_trainer_crash_is_retried_and_resumes_from_the_checkpoint(stack):
-    spec = {**LONG, "epochs": 6}
+    # Long enough to be caught running: six epochs of digits took 0.4 s from a forked trainer.
+    spec = {**LONG, "epochs": 60}
     job = stack.submit(**spec)
     stack.wait_running(job["id"], 2)
     for pid in stack.trainer_pids(job["id"]):

@@ -293,7 +293,7 @@ def worker_side(store, monkeypatch):
 
     calls = {"supervised": [], "top_up": []}
 
-    def supervise(job_id, *, attempt):
+    def supervise(job_id, *, attempt, **_budget):
         calls["supervised"].append(job_id)
         finish(store, job_id)
         return "succeeded"

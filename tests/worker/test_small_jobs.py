@@ -128,12 +128,19 @@ def test_supervise_runs_consecutive_jobs_on_one_template(job_store, template, en
         assert (job.status, job.epoch, job.final_accuracy is not None) == ("succeeded", 2, True)
 
 
-def test_a_deterministic_failure_is_reported_with_its_exit_code(job_store, template, enqueued):
-    job_id = new_job(job_store, dataset="cifar10")  # no files under data_dir
+def test_a_deterministic_failure_is_reported_with_its_exit_code(
+    job_store, template, enqueued, unreadable_dataset
+):
+    unreadable_dataset("cifar10")  # accepted at submission, unreadable when it runs
+    job_id = new_job(job_store, dataset="cifar10")
     trainer = start(job_id)
     assert isinstance(trainer, ForkedTrainer)
     assert trainer.wait(timeout=120) == EXIT_FAILED
-    assert "dataset not found" in (jobs.job_directory(job_id) / supervisor.RESULT_FILE).read_text()
+    reason = (jobs.job_directory(job_id) / supervisor.RESULT_FILE).read_text()
+    assert "dataset not found" in reason
+    # Worded for an API client: the operator's remedy, no download=True, no server path.
+    assert "operator" in reason and "download=True" not in reason
+    assert str(get_settings().data_dir) not in reason
 
 
 def test_a_killed_trainer_is_a_crash_and_the_job_is_requeued(job_store, template, enqueued):
@@ -351,13 +358,16 @@ def test_a_job_whose_database_is_not_the_templates_trains_in_its_own(
         job_store.call(jobs.get_job, job_id)
 
 
-def test_consecutive_trainers_report_their_exit_codes_in_order(job_store, template, enqueued):
+def test_consecutive_trainers_report_their_exit_codes_in_order(
+    job_store, template, enqueued, unreadable_dataset
+):
     """Each trainer tells the template its exit code just before exiting (before the kernel
     has torn it down): a success, a deterministic failure and a success again, each reported
     for its own job."""
+    unreadable_dataset("imagenet")  # class folders without images: a deterministic failure
     good, bad, good_again = (
         new_job(job_store),
-        new_job(job_store, dataset="imagenet"),  # no files here: a deterministic failure
+        new_job(job_store, dataset="imagenet"),
         new_job(job_store),
     )
     codes = [start(job_id).wait(timeout=120) for job_id in (good, bad, good_again)]

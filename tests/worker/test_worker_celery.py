@@ -43,8 +43,9 @@ def test_the_worker_parent_never_imports_torch():
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
     )
-    # The spec (pure Python, what the settings' limits come from) is all of the library it loads.
-    assert out.stdout.strip() == "['jumpout', 'jumpout.spec']"
+    # Only the library's pure-Python modules: the spec (what the settings' limits come from) and
+    # the dataset catalogue (what a submission is checked against).
+    assert out.stdout.strip() == "['jumpout', 'jumpout.catalog', 'jumpout.spec']"
 
 
 def test_child_pids_finds_direct_children():

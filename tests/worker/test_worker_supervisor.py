@@ -57,13 +57,17 @@ def test_crash_is_requeued_while_attempts_remain(job_store, claimed_job, tmp_pat
     assert outcome(claimed_job, tmp_path, returncode=-signal.SIGKILL) == "queued"
     row = job(job_store, claimed_job)
     assert row.status == "queued"
-    assert "SIGKILL" in row.error and "RuntimeError: boom" in row.error
+    # Readable: the attempt, how it ended, where the output is; no tail of raw output.
+    assert row.error == (
+        "attempt 1 of 3: trainer killed by SIGKILL "
+        f"(the full output: GET /v1/jobs/{claimed_job}/log)"
+    )
     assert enqueued == [claimed_job]
     # The next delivery claims it as attempt 2.
     assert job_store.call(jobs.claim_job, claimed_job, worker="test").attempt == 2
 
 
-def test_crash_on_the_last_attempt_fails_with_the_output_tail(
+def test_crash_on_the_last_attempt_fails_with_the_last_line_of_output(
     job_store, claimed_job, tmp_path, enqueued, monkeypatch
 ):
     monkeypatch.setenv("JUMPOUT_MAX_ATTEMPTS", "1")
@@ -73,8 +77,9 @@ def test_crash_on_the_last_attempt_fails_with_the_output_tail(
     assert outcome(claimed_job, tmp_path, returncode=1) == "failed"
     row = job(job_store, claimed_job)
     assert row.status == "failed"
-    assert "exited with code 1 on attempt 1 of 1" in row.error
+    assert row.error.startswith("attempt 1 of 1: trainer exited with code 1: ")
     assert "RuntimeError: boom" in row.error
+    assert row.error.endswith(f"(the full output: GET /v1/jobs/{claimed_job}/log)")
     assert enqueued == []
 
 
