@@ -77,6 +77,8 @@ class StoreCallback:
 
     def on_epoch_end(self, metrics: dict) -> None:
         self._pending.append(metrics)
+        # The engine's progress, one line an epoch, for the job's log (GET /v1/jobs/{id}/log).
+        log.info("epoch %s", _epoch_line(metrics))
 
     def flush(self) -> None:
         """Write the epochs held back."""
@@ -111,6 +113,21 @@ class StoreCallback:
             except Exception as error:  # noqa: BLE001 - the next poll asks again
                 log.warning("could not read the cancel flag: %s", error)
         return self._cancelled
+
+
+def _epoch_line(metrics: dict) -> str:
+    """``3: train loss 0.412 acc 87.1%, test loss 0.380 acc 88.0%, lr 0.05, 1.2 s``: what the
+    epoch measured, leaving out what it did not."""
+    parts = [str(metrics.get("epoch", "?"))]
+    for split in ("train", "val", "test"):
+        loss, accuracy = metrics.get(f"{split}_loss"), metrics.get(f"{split}_accuracy")
+        if loss is not None and accuracy is not None:
+            parts.append(f"{split} loss {loss:.4f} acc {100 * accuracy:.1f}%")
+    if metrics.get("lr") is not None:
+        parts.append(f"lr {metrics['lr']:.4g}")
+    if metrics.get("seconds") is not None:
+        parts.append(f"{metrics['seconds']:.2f} s")
+    return parts[0] + ": " + ", ".join(parts[1:])
 
 
 def _record_progress(

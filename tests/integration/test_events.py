@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 
 import httpx
@@ -91,6 +92,9 @@ def test_watch_a_job_resume_mid_job_and_read_its_log(sqlite_stack):
     log_url = f"{base}/v1/jobs/{job['id']}/log"
     whole = httpx.get(log_url)
     assert whole.status_code == 200 and "=== attempt 1 ===" in whole.text
+    # The engine's progress: a line per epoch, with its losses and accuracies.
+    lines = re.findall(r"epoch (\d+): train loss [\d.]+ acc [\d.]+%", whole.text)
+    assert sorted({int(epoch) for epoch in lines}) == list(range(1, job["spec"]["epochs"] + 1))
     assert whole.headers["x-log-complete"] == "true"
     size = int(whole.headers["x-log-next-offset"])
     assert size == len(whole.content)
