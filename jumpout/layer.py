@@ -117,12 +117,47 @@ class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
         ctx.save_for_backward(mask, scale)
-        return input.mul(mask).mul_(scale)
+        return _mask_and_scale(input, mask, scale)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
         mask, scale = ctx.saved_tensors
-        return grad_output.mul(mask).mul_(scale), None, None
+        return _mask_and_scale(grad_output, mask, scale), None, None
+
+
+def _mask_and_scale(values: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
+    """``values * mask * scale`` in ``values``' dtype and memory format, the scale applied in
+    its own (fp32) precision: bf16/fp16 values are multiplied in fp32 and rounded once.
+
+    A 0-dim scale would not take part in type promotion, and a device (not CPU-scalar) one would
+    be rounded to bf16 first (0.13-0.34% off the paper's rescale); one with a dimension makes
+    the multiply compute in fp32 and cast on write, with no fp32 copy of the tensor.
+    """
+    if scale.dim() == 0 and values.dim() > 0:
+        scale = scale.view((1,) * values.dim())
+    return values.mul(mask).mul_(scale)
+
+
+def _is_dense(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s elements fill a block of memory without gaps or overlaps (in any
+    dimension order: contiguous, channels_last, ...)."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride(), strict=True), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _like_layout(flat: Tensor, like: Tensor) -> Tensor:
+    """The 1-D ``flat`` (``like.numel()`` elements) viewed with ``like``'s shape and memory
+    format, so that an element-wise op with ``like`` reads both with the same strides (an NCHW
+    mask against an NHWC input would be read with a stride of H*W)."""
+    if like.is_contiguous() or not _is_dense(like):
+        return flat.view(like.shape)
+    return flat.as_strided(like.shape, like.stride())
 
 
 def _jumpout(
@@ -176,11 +211,43 @@ def _jumpout(
     threshold = threshold.clamp_(_INT16_MIN, _INT16_MAX).to(torch.int16)
     words = (input.numel() + 3) // 4
     bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None)
-    random16 = bits.view(torch.int16)[: input.numel()].view(input.shape)
+    random16 = _like_layout(bits.view(torch.int16)[: input.numel()], input)
     mask = random16 <= threshold
-    scale = keep.pow(-exponent).to(input.dtype)
+    # fp32, applied in fp32 by `_mask_and_scale` (not rounded to a bf16/fp16 input's dtype).
+    scale = keep.float().pow(-exponent)
     output = _MaskedScale.apply(input, mask, scale)
     return output, active_fraction, applied_rate
+
+
+# Devices whose inputs take the fused kernels. The interpreter tests add "cpu" (Triton runs the
+# same kernels on CPU tensors there), to drive the layer itself through them.
+_FUSED_DEVICE_TYPES = ("cuda",)
+
+
+def _try_fused(
+    fused: bool,
+    input: Tensor,
+    sigma: float,
+    p_min: float,
+    p_max: float,
+    rate: float | None,
+    adaptive: bool,
+    exponent: float,
+    per_sample: bool,
+    max_rate: float,
+) -> tuple[Tensor, Tensor] | None:
+    """Algorithm 1 by the fused Triton kernels when asked for and the input is on CUDA: the
+    output and float32[3] batch means (q+, p', fraction at the cap); None for the eager path."""
+    if not (fused and input.device.type in _FUSED_DEVICE_TYPES):
+        return None
+    # Imported on first use: the CPU path never compiles or loads the kernels.
+    from jumpout import fused as fused_kernels
+
+    if not fused_kernels.supports(input):
+        return None
+    return fused_kernels.fused_jumpout(
+        input, sigma, p_min, p_max, rate, adaptive, exponent, per_sample, max_rate
+    )
 
 
 def _batch_mean(statistic: Tensor) -> Tensor:
@@ -201,6 +268,7 @@ def jumpout(
     per_sample: bool = False,
     max_rate: float = 0.9,
     training: bool = True,
+    fused: bool = True,
 ) -> Tensor:
     """Functional form of :class:`Jumpout`; see it for the arguments.
 
@@ -209,6 +277,11 @@ def jumpout(
     _validate(sigma, p_min, p_max, rate, exponent, max_rate)
     if not training or input.numel() == 0:
         return input
+    fused_output = _try_fused(
+        fused, input, sigma, p_min, p_max, rate, adaptive, exponent, per_sample, max_rate
+    )
+    if fused_output is not None:
+        return fused_output[0]
     output, _, _ = _jumpout(
         input, sigma, p_min, p_max, rate, adaptive, exponent, per_sample, max_rate
     )
@@ -256,6 +329,9 @@ class Jumpout(nn.Module):
         per_sample: compute the active fraction and draw the rate per sample instead of per
             batch. Default: False
         max_rate: cap on the normalised rate :math:`p'`, below 1. Default: 0.9
+        fused: on CUDA, run the fused Triton kernels of :mod:`jumpout.fused` (three kernels,
+            no per-element tensor saved for backward); False keeps the eager path, for
+            comparison. The CPU always takes the eager path. Default: True
 
     Shape:
         - Input: :math:`(N, *)`, any number of trailing dimensions; the mask is element-wise.
@@ -285,6 +361,7 @@ class Jumpout(nn.Module):
         exponent: float = 0.75,
         per_sample: bool = False,
         max_rate: float = 0.9,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         _validate(sigma, p_min, p_max, rate, exponent, max_rate)
@@ -300,10 +377,28 @@ class Jumpout(nn.Module):
         self.last_active_fraction: Tensor | None = None
         self.last_rate: Tensor | None = None
         self.last_capped_fraction: Tensor | None = None
+        self.fused = bool(fused)
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or input.numel() == 0:
             return input
+        fused_output = _try_fused(
+            self.fused,
+            input,
+            self.sigma,
+            self.p_min,
+            self.p_max,
+            self.rate,
+            self.adaptive,
+            self.exponent,
+            self.per_sample,
+            self.max_rate,
+        )
+        if fused_output is not None:
+            output, stats = fused_output
+            # Views of one float32[3] the rate kernel wrote: no extra kernel, no sync.
+            self.last_active_fraction, self.last_rate, self.last_capped_fraction = stats.unbind()
+            return output
         output, active_fraction, applied_rate = _jumpout(
             input,
             self.sigma,
