@@ -294,14 +294,27 @@ class VolumeRead(BaseModel):
     low: bool = Field(description="below the server's min_free_bytes")
 
 
+class UnusableWorkerRead(BaseModel):
+    name: str = Field(description="the Celery worker's node name")
+    reason: str = Field(description="why its device cannot run jobs, and what the operator can do")
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded", "unavailable"] = Field(
         "ok",
         description="unavailable: the database or the broker does not answer (status code "
         "503); degraded: they do, but a filesystem the service writes to has less than "
-        "min_free_bytes free (writes may soon fail with 507); ok otherwise",
+        "min_free_bytes free (writes may soon fail with 507), or a worker cannot use its "
+        "device; ok otherwise",
     )
     database: str
     broker: str
-    workers: int
+    workers: int = Field(description="workers that answer and can take jobs")
+    device_slots: int = Field(
+        0, description="device slots (GPUs, or simulated CPU slots) of those workers"
+    )
+    unusable_workers: list[UnusableWorkerRead] = Field(
+        default_factory=list,
+        description="workers that answer but take no jobs: their device is not usable",
+    )
     storage: list[VolumeRead] = Field(default_factory=list)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -206,6 +207,7 @@ def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
 
         _configure_sqlite(engine, read_only=read_only)
         return engine
+    connect_args = network_timeouts(url, settings.db_connect_timeout)
     if read_only:
         # No pre-ping round trip per checkout: `api.queries.read` retries once on a connection
         # found dead (SQLAlchemy then invalidates the pool), which is all a read needs.
@@ -214,6 +216,7 @@ def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
             isolation_level="AUTOCOMMIT",
+            connect_args=connect_args,
         )
     return create_engine(
         url,
@@ -221,7 +224,29 @@ def make_engine(url: str | None = None, *, read_only: bool = False) -> Engine:
         max_overflow=settings.db_max_overflow,
         pool_pre_ping=True,
         json_serializer=_json_text,
+        connect_args=connect_args,
     )
+
+
+def network_timeouts(url: str, timeout_s: float) -> dict[str, Any]:
+    """libpq's options that bound how long a PostgreSQL connection waits on a network that does
+    not answer (a partition, a host that accepts and never speaks): ``connect_timeout`` for
+    opening it, ``tcp_user_timeout`` for data sent and never acknowledged, keepalives for an idle
+    one. Without them the trainer's cancel poll (once a second, in the training thread) could
+    block for the kernel's TCP retransmission timeout (about 15 minutes), freezing training. A
+    statement's own time is bounded where it matters (`worker.trainer.read_cancel_flag`). Empty
+    for other backends."""
+    if _backend(url) != "postgresql":
+        return {}
+    seconds = max(2, math.ceil(timeout_s))  # libpq's minimum is 2 s
+    return {
+        "connect_timeout": seconds,
+        "tcp_user_timeout": seconds * 1000,
+        "keepalives": 1,
+        "keepalives_idle": max(10, seconds),
+        "keepalives_interval": max(2, seconds // 3),
+        "keepalives_count": 3,
+    }
 
 
 def forget_inherited_engines() -> None:

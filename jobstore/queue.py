@@ -414,6 +414,33 @@ def broker_ping(timeout: float = 1.0) -> bool:
         return False
 
 
+def worker_devices(timeout: float | None = None) -> dict[str, dict[str, Any]]:
+    """Each Celery worker that answers within `timeout` seconds, by node name, with its device
+    plan (`worker.devices.DevicePlan.summary`: device, slots, usable, reason). A worker that does
+    not know the command (an older version) counts as usable with one slot. Always waits the
+    whole timeout, like `count_workers`."""
+    settings = get_settings()
+    app = celery_app()
+    try:
+        # Its own connection, closed here (see `count_workers`).
+        with app.connection_for_write() as connection:
+            replies = app.control.broadcast(
+                "jumpout_devices",
+                reply=True,
+                timeout=timeout or settings.health_ping_timeout,
+                connection=connection,
+            )
+    except Exception as exc:
+        logger.warning("worker device query failed: %s", exc)
+        return {}
+    plans: dict[str, dict[str, Any]] = {}
+    for reply in replies or []:
+        for name, plan in reply.items():
+            known = isinstance(plan, dict) and "usable" in plan
+            plans[name] = plan if known else {"usable": True, "slots": ["0"]}
+    return plans
+
+
 def count_workers(timeout: float | None = None) -> int:
     """How many Celery workers answer a broadcast ping within `timeout` seconds (the call always
     waits the whole timeout, since the number of workers is not known in advance)."""

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("worker.template")
@@ -57,6 +58,7 @@ MAX_MESSAGE = 64 * 1024
 TITLE_PADDING = 48
 # Below the heartbeat timeout: the supervisor writes no heartbeat while it waits.
 READY_TIMEOUT_S = 45.0
+WAIT_SLICE_S = 1.0
 REPLY_TIMEOUT_S = 30.0
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -187,17 +189,33 @@ class TrainerTemplate:
             raise TemplateError("the trainer template exited")
         return json.loads(data)
 
-    def fork(self, job_id: str, log_fd: int) -> ForkedTrainer:
-        """Fork a trainer for ``job_id`` writing to ``log_fd``; raises TemplateError."""
+    def fork(
+        self,
+        job_id: str,
+        log_fd: int,
+        env: dict[str, str] | None = None,
+        *,
+        while_waiting: Callable[[], object] | None = None,
+    ) -> ForkedTrainer:
+        """Fork a trainer for ``job_id`` writing to ``log_fd``, with ``env`` added to its
+        environment (its device slots: CUDA is initialised only in the trainer, so its
+        ``CUDA_VISIBLE_DEVICES`` applies); raises TemplateError. ``while_waiting`` is called
+        about once a second while the template is still importing (the job's heartbeat: on a
+        loaded machine the imports took longer than the reaper's heartbeat timeout)."""
         if not self.alive() or self.socket is None:
             raise TemplateError("the trainer template is not running")
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self.ready:
-            message = self.receive(max(0.0, deadline - time.monotonic()))
-            if message is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TemplateError(f"the trainer template was not ready in {READY_TIMEOUT_S}s")
+            message = self.receive(min(WAIT_SLICE_S, remaining))
+            if message is None:
+                if while_waiting is not None:
+                    while_waiting()
+                continue
             self.ready = bool(message.get("ready"))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         request = json.dumps({"job_id": job_id, "env": env, "cwd": os.getcwd()})
         try:
             socket.send_fds(self.socket, [request.encode()], [log_fd])

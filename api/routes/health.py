@@ -1,8 +1,11 @@
 """`/v1/health`: is the service able to take and run jobs?
 
-`workers` counts the Celery workers that answer a broadcast ping within
-`settings.health_ping_timeout` (0.5 s): exact, and it needs no extra state in the database, at the
-price of that wait on every call. DB and broker decide the status code; zero workers is still 200
+`workers` counts the Celery workers that answer a broadcast (`jobstore.queue.worker_devices`)
+within `settings.health_ping_timeout` (0.5 s) and can take jobs: exact, and it needs no extra state
+in the database, at the price of that wait on every call. A worker that answers but whose device
+is not usable (`worker.devices`: it probes at start and consumes nothing then) is listed in
+`unusable_workers` with the reason, and makes the status "degraded"; `device_slots` adds up the
+usable workers' slots. DB and broker decide the status code; zero workers is still 200
 (jobs queue up until one starts).
 
 `storage` gives the free space of each filesystem the service writes to (`jobstore.storage`,
@@ -21,7 +24,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionDep
-from api.schemas import Health, VolumeRead
+from api.schemas import Health, UnusableWorkerRead, VolumeRead
 from jobstore import queue, storage
 
 logger = logging.getLogger(__name__)
@@ -44,15 +47,23 @@ def health(session: SessionDep):
         logger.warning("database health check failed: %s", exc)
         database = "unavailable"
     broker_ok = queue.broker_ping()
-    workers = queue.count_workers() if broker_ok else 0
+    plans = queue.worker_devices() if broker_ok else {}
+    usable = [plan for plan in plans.values() if plan.get("usable", True)]
+    unusable = [
+        UnusableWorkerRead(name=name, reason=str(plan.get("reason") or "device not usable"))
+        for name, plan in sorted(plans.items())
+        if not plan.get("usable", True)
+    ]
     volumes = storage.volumes()
     low = storage.low_volumes(volumes)
     ok = database == "ok" and broker_ok
     body = Health(
-        status="unavailable" if not ok else "degraded" if low else "ok",
+        status="unavailable" if not ok else "degraded" if low or unusable else "ok",
         database=database,
         broker="ok" if broker_ok else "unavailable",
-        workers=workers,
+        workers=len(usable),
+        device_slots=sum(len(plan.get("slots") or []) for plan in usable),
+        unusable_workers=unusable,
         storage=[VolumeRead(**asdict(volume), low=volume in low) for volume in volumes],
     )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

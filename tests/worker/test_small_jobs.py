@@ -118,6 +118,23 @@ def test_a_forked_trainer_trains_the_job_and_reports_success(job_store, template
     assert job_store.call(jobs.newest_valid_checkpoint, job_id).epoch == 2
 
 
+def test_the_caller_is_called_back_while_a_new_template_still_imports(job_store, cpu):
+    # supervise passes the job's heartbeat: a template importing torch on a loaded machine took
+    # longer than the reaper's heartbeat timeout, and the job was given to a second attempt.
+    supervisor.stop_template()
+    job_id = new_job(job_store)
+    calls: list[float] = []
+    out_dir = jobs.job_directory(job_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / supervisor.LOG_FILE, "ab") as log_file:
+        trainer = supervisor.start_trainer(
+            job_id, log_file, while_waiting=lambda: calls.append(time.monotonic())
+        )
+    assert isinstance(trainer, ForkedTrainer)
+    assert trainer.wait(timeout=120) == EXIT_SUCCEEDED
+    assert calls, "a fresh template imports torch for more than a second"
+
+
 def test_supervise_runs_consecutive_jobs_on_one_template(job_store, template, enqueued):
     first, second = new_job(job_store), new_job(job_store)
     assert supervisor.supervise(first, attempt=1) == "succeeded"
