@@ -1,0 +1,166 @@
+"""A worker on another box (`worker.artifacts`) against the artifact service, in one process: the
+uploader records a checkpoint only once the service has it, prunes the API box's copies by the
+engine's rule even after the local files are gone, and fails the attempt when it cannot send;
+a resume fetches the newest checkpoint whose sha256 matches; the log shipper appends each
+attempt's output once, in order. The worker's directory is never the service's."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from jobstore import db, jobs
+from jobstore.settings import get_settings
+from jobstore.tables import Checkpoint, EpochMetric
+from worker import artifacts
+
+SECRET = "s3cret-for-the-workers-only"
+
+
+@pytest.fixture
+def service(job_store, monkeypatch):
+    monkeypatch.setenv("JUMPOUT_WORKER_SECRET", SECRET)
+    get_settings.cache_clear()
+    from api.artifact_service import create_app
+
+    with TestClient(create_app()) as http:
+        yield http
+
+
+@pytest.fixture
+def client(service):
+    return artifacts.ArtifactClient(secret=SECRET, http=service, retry_s=0)
+
+
+@pytest.fixture
+def job_id(job_store) -> str:
+    spec = {"dataset": "digits", "architecture": "mlp", "epochs": 4}
+    return db.call(jobs.create_job, spec=spec, owner_id=None).id
+
+
+def record(job_id: str):
+    """What the trainer records with each upload (`worker.trainer._checkpoint_uploader`)."""
+
+    def write(session, epochs: list[dict], checkpoint: dict | None) -> None:
+        jobs.record_epochs(session, job_id, epochs)
+        if checkpoint is not None:
+            jobs.record_checkpoint(session, job_id, **checkpoint)
+
+    return lambda epochs, checkpoint: db.call(write, epochs, checkpoint)
+
+
+def metrics(epoch: int) -> dict:
+    return {"epoch": epoch, "train_loss": 1.0, "test_accuracy": 0.1 * epoch, "seconds": 1.0}
+
+
+def write_checkpoint(directory: Path, epoch: int) -> tuple[Path, str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"checkpoint-epoch{epoch:04d}.pt"
+    path.write_bytes(f"weights of epoch {epoch}".encode() * 100)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def recorded(job_id: str) -> list[tuple[str, bool]]:
+    def read(session):
+        rows = session.execute(
+            select(Checkpoint.path, Checkpoint.is_best)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(Checkpoint.epoch)
+        ).all()
+        session.commit()
+        return [(Path(path).name, is_best) for path, is_best in rows]
+
+    return db.call(read)
+
+
+def test_uploads_are_recorded_once_stored_and_pruned_there_by_the_engines_rule(
+    client, job_id, tmp_path
+):
+    worker_dir = tmp_path / "worker-box" / job_id  # not the service's artifact_dir
+    service_dir = get_settings().artifact_dir / "jobs" / job_id
+    uploader = artifacts.CheckpointUploader(
+        job_id, client, record(job_id), keep_last=2, keep_best=True, queue_size=1
+    )
+    for epoch in (1, 2, 3, 4):
+        path, sha256 = write_checkpoint(worker_dir, epoch)
+        uploader.checkpoint(str(path), epoch=epoch, sha256=sha256, size_bytes=path.stat().st_size,
+                            is_best=epoch == 1, epochs=[metrics(epoch)])  # fmt: skip
+        path.unlink()  # the engine prunes its local file, maybe before the upload: no matter
+    uploader.epochs([])
+    uploader.close(timeout=30)
+
+    names = ["checkpoint-epoch0001.pt", "checkpoint-epoch0003.pt", "checkpoint-epoch0004.pt"]
+    assert recorded(job_id) == [(names[0], True), (names[1], False), (names[2], False)]
+    assert sorted(p.name for p in service_dir.glob("checkpoint-*.pt")) == names
+    assert list((worker_dir / artifacts.STAGING_DIR).iterdir()) == []
+    for row in db.call(jobs.list_checkpoints, job_id):
+        assert jobs.verify_checkpoint_file(row).parent == service_dir  # served by the API
+    epochs = db.call(lambda s: s.scalars(select(EpochMetric.epoch).order_by("epoch")).all())
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_that_cannot_be_sent_is_never_recorded_and_fails_the_attempt(
+    service, job_id, tmp_path
+):
+    refused = artifacts.ArtifactClient(secret="not-" + SECRET, http=service, retry_s=0)
+    uploader = artifacts.CheckpointUploader(
+        job_id, refused, record(job_id), keep_last=3, keep_best=False
+    )
+    path, sha256 = write_checkpoint(tmp_path / "worker-box", 1)
+    uploader.checkpoint(str(path), epoch=1, sha256=sha256, size_bytes=path.stat().st_size,
+                        is_best=False, epochs=[metrics(1)])  # fmt: skip
+    with pytest.raises(artifacts.UploadFailed, match="401"):
+        uploader.close(timeout=30)
+    assert recorded(job_id) == []
+    assert db.call(jobs.get_job, job_id).epoch == 0
+
+
+def test_a_resume_on_another_box_fetches_the_newest_checkpoint_that_matches(
+    client, job_id, tmp_path
+):
+    uploader = artifacts.CheckpointUploader(
+        job_id, client, record(job_id), keep_last=3, keep_best=False
+    )
+    for epoch in (1, 2):
+        path, sha256 = write_checkpoint(tmp_path / "box-a", epoch)
+        uploader.checkpoint(str(path), epoch=epoch, sha256=sha256,
+                            size_bytes=path.stat().st_size, is_best=False, epochs=[])  # fmt: skip
+    uploader.close(timeout=30)
+
+    box_b = tmp_path / "box-b"
+    fetched = artifacts.fetch_checkpoint(job_id, client, into=box_b)
+    assert fetched == box_b / "checkpoint-epoch0002.pt"
+    assert fetched.read_bytes() == (tmp_path / "box-a" / fetched.name).read_bytes()
+
+    # The API box's newest file was damaged: the next older one, checked, rather than garbage.
+    (get_settings().artifact_dir / "jobs" / job_id / fetched.name).write_bytes(b"damaged")
+    box_c = tmp_path / "box-c"
+    assert artifacts.fetch_checkpoint(job_id, client, into=box_c) == (
+        box_c / "checkpoint-epoch0001.pt"
+    )
+    assert not (box_c / "checkpoint-epoch0002.pt").exists()
+    # A box that still holds a matching copy uses it without downloading.
+    assert artifacts.fetch_checkpoint(job_id, client, into=box_b) == fetched
+
+
+def test_the_log_of_each_attempt_is_appended_once_in_order(client, job_id, tmp_path):
+    box_a, box_b = tmp_path / "box-a.log", tmp_path / "box-b.log"
+    box_a.write_bytes(b"earlier output of box a\n")
+    offset = box_a.stat().st_size
+    with open(box_a, "ab") as out:
+        out.write(b"\n=== attempt 1 ===\nepoch 1\n")
+    shipper = artifacts.LogShipper(job_id, box_a, offset, client, interval=0.05)
+    with open(box_a, "ab") as out:
+        out.write(b"epoch 2\nTraceback: killed\n")
+    shipper.close(timeout=10)
+    box_b.write_bytes(b"\n=== attempt 2 ===\nepoch 3\n")
+    artifacts.LogShipper(job_id, box_b, 0, client, interval=60).close(timeout=10)
+
+    stored = (get_settings().artifact_dir / "jobs" / job_id / "trainer.log").read_bytes()
+    assert stored == (
+        b"\n=== attempt 1 ===\nepoch 1\nepoch 2\nTraceback: killed\n\n=== attempt 2 ===\nepoch 3\n"
+    )
