@@ -255,12 +255,14 @@ def job_directory(job_id: str) -> Path:
 
 
 def _check_server_limits(config: TrainConfig, *, given: dict[str, Any]) -> None:
-    """This server may allow less than the spec (`max_epochs`, `max_batch_size`); the limit
+    """This server may allow less than the spec (`max_epochs`, `max_batch_size`,
+    `max_devices`); the limit
     applies to the recipe's default as much as to a value the client sent. Every field over a
     limit is named at once."""
     settings = get_settings()
     errors = []
-    for field, setting in (("epochs", "max_epochs"), ("batch_size", "max_batch_size")):
+    limits = (("epochs", "max_epochs"), ("batch_size", "max_batch_size"))
+    for field, setting in (*limits, ("devices", "max_devices")):
         value, limit = getattr(config, field), getattr(settings, setting)
         if value <= limit:
             continue

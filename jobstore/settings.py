@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # This server's limits may be below the spec's (jumpout.spec), never above.
     max_epochs: int = Field(FIELDS["epochs"].high, ge=1, le=FIELDS["epochs"].high)
     max_batch_size: int = Field(FIELDS["batch_size"].high, ge=1, le=FIELDS["batch_size"].high)
+    # The most devices one data-parallel job may ask for (`devices`): set it to the device slots
+    # of this deployment's largest worker box, so a job no box can run is refused (422) at once.
+    max_devices: int = Field(FIELDS["devices"].high, ge=1, le=FIELDS["devices"].high)
     max_queued_per_token: int = Field(100, ge=1)
     # The most jobs (rows x seeds) one experiment may hold; its jobs do not count against
     # max_queued_per_token.
@@ -65,6 +68,18 @@ class Settings(BaseSettings):
     read_scope: Literal["team", "owner"] = "team"
 
     device: Device = Device.AUTO
+    # A worker box's device slots (`worker.devices`): 0 = one per visible GPU (one on the CPU); N
+    # on a GPU box = the first N visible GPUs; N on the CPU = N simulated slots. The Celery worker
+    # runs one pool process per slot, and a job holds `devices` slots while it trains.
+    device_slots: int = Field(0, ge=0, le=64)
+    # A job needing several slots that has been queued this long reserves the box: no smaller job
+    # starts on it until the big one fits (`jobstore.devicefit`); before that, smaller jobs may
+    # fill the free slots. Seconds.
+    device_reserve_after: float = Field(600.0, ge=0)
+    # The trainer's PostgreSQL connections (its cancel poll, metrics, checkpoints) give up on a
+    # connect or an unanswered network after this many seconds (a partition must not freeze
+    # training), and its cancel poll's statement after this too (`jobstore.db`).
+    db_connect_timeout: float = Field(10.0, gt=0)
     # Fork each trainer from a process that has imported torch once (`worker.template`) instead
     # of starting `python -m worker.trainer` (seconds of imports per job); False: always spawn.
     trainer_template: bool = True
@@ -85,9 +100,28 @@ class Settings(BaseSettings):
     # The trainer's output on disk (`<artifact_dir>/jobs/<id>/trainer.log`) is cut to about this
     # size: the head and the newest output are kept, the middle dropped (`jobstore.joblog`).
     log_max_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
-    # DataLoader processes per training job.
-    num_workers: int = Field(0, ge=0, le=FIELDS["num_workers"].high)
+    # DataLoader processes per training job; unset: the engine's choice (0 on the CPU, min(8,
+    # CPUs) when a GPU reads from the loader, e.g. ImageNet's JPEGs).
+    num_workers: int | None = Field(None, ge=0, le=FIELDS["num_workers"].high)
     worker_name: str = Field(default_factory=socket.gethostname)
+
+    # Workers on other boxes (`worker.artifacts`, `api.artifact_service`). Set on such a worker,
+    # `artifact_url` is the artifact service of the box that runs the API (e.g.
+    # http://gpu-main:8001): its checkpoints and log are sent there instead of being left in its
+    # own artifact_dir, and a resumed job fetches its checkpoint from there. Empty (the default):
+    # the artifact directory is the API's own (one box, or a shared volume), as before.
+    artifact_url: str = ""
+    # The secret that workers present to the artifact service (`Authorization: Bearer ...`); set
+    # the same value on that service and on every remote worker. Never a user's API token.
+    worker_secret: str = Field("", repr=False)
+    # The largest checkpoint the artifact service accepts (WRN-28-10 with its optimiser: ~0.3 GB).
+    max_artifact_bytes: int = Field(16 * 1024**3, ge=1024)
+    # Checkpoints waiting to be uploaded before training waits for the uploader (each waiting
+    # one is a hard link: no copy, but its disk space is held until it is sent).
+    artifact_upload_queue: int = Field(2, ge=1, le=100)
+    # How long an upload or a log chunk is retried (the artifact service restarting, a network
+    # partition) before the attempt fails and is retried from the last uploaded checkpoint.
+    artifact_retry_s: float = Field(300.0, ge=0)
 
     # Sync routes run in Starlette's thread pool (40 threads); pool_size + max_overflow must
     # exceed it or requests can deadlock waiting for a connection (fastapi #3205).
@@ -114,6 +148,11 @@ class Settings(BaseSettings):
             self.artifact_dir = self.home / "artifacts"
         if self.data_dir is None:
             self.data_dir = self.home / "data"
+        if self.worker_secret and (
+            len(self.worker_secret) < 16 or self.worker_secret.startswith("jo_")
+        ):
+            # Short secrets can be guessed; "jo_" is how user API tokens start (`api.auth`).
+            raise ValueError("JUMPOUT_WORKER_SECRET: at least 16 characters, not starting with jo_")
         return self
 
 

@@ -15,12 +15,18 @@ A bad option value or missing dataset files print one line naming the field or f
 with status 2 (no traceback). Ctrl-C (or SIGTERM) during ``train`` stops cooperatively after
 writing a checkpoint (exit status 130; ``--resume`` continues at that step); a second Ctrl-C
 aborts at once.
+
+``train --devices N`` (N > 1) launches N ranks with PyTorch's elastic launcher
+(`jumpout.distributed.launch`), each running this same command line; rank 0 prints and writes
+the checkpoints, the others train quietly. ``torchrun --standalone --nproc-per-node N -m jumpout
+train --devices N ...`` does the same. ``ablation`` trains each run on one device.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -266,10 +272,64 @@ def _prepare_data(config: TrainConfig, download: bool) -> None:
     )
 
 
+def _train_rank(argv: list[str]) -> None:
+    """A rank of ``train --devices N`` (the launcher's entry point): this command line again."""
+    status = main(argv)
+    if status:
+        sys.exit(status)  # the launcher sees the failure and stops the other ranks
+
+
+def _launch_ranks(args: argparse.Namespace, devices: int) -> int:
+    """``train --devices N``: N ranks of this command line under PyTorch's launcher; the exit
+    status is the failed ranks' (130 when they stopped on Ctrl-C), 0 when all finished."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from jumpout.distributed import RanksFailed, launch
+
+    print(f"launching {devices} ranks (torch.distributed)", file=sys.stderr)
+    try:
+        launch(_train_rank, (args.argv,), devices)
+    except RanksFailed as failed:
+        codes = set(failed.exit_codes.values())
+        if codes == {130}:
+            return 130
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
+    except SignalException:  # Ctrl-C reached the ranks too: they checkpointed and stopped
+        return 130
+    return 0
+
+
+class _QuietRank:
+    """The callback of a rank other than 0: no output, only a stop to notice."""
+
+    stop_requested = False
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+
+def _train_quietly(config: TrainConfig, resume: bool) -> int:
+    """A rank other than 0 of ``train --devices N``: rank 0 prints and writes checkpoints."""
+    from jumpout.engine import find_resumable_checkpoint, fit
+
+    rank = _QuietRank()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: setattr(rank, "stop_requested", True))
+    resume_from = find_resumable_checkpoint(config.out_dir) if resume and config.out_dir else None
+    result = fit(config, rank, resume_from=resume_from)
+    return 130 if result.stopped else 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    from jumpout.distributed import in_launched_rank
     from jumpout.engine import find_resumable_checkpoint, fit, resolve_device
 
     config = _config_from_args(args)
+    if config.devices > 1 and not in_launched_rank():
+        return _launch_ranks(args, config.devices)
+    if in_launched_rank() and os.environ["RANK"] != "0":
+        return _train_quietly(config, args.resume)
     device = resolve_device(config.device)
     resume_from = None
     if args.resume:
@@ -466,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m jumpout`` and the ``jumpout`` script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `train --devices N` relaunches
     from jumpout.data import DatasetNotFoundError
     from jumpout.engine import NonFiniteLossError
 

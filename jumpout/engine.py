@@ -38,10 +38,15 @@ Design choices worth knowing:
 * ``init_from`` starts from saved weights (a state dict or a checkpoint under ``data_dir``, or
   an earlier job's checkpoint that the service resolves): every key and shape must match the
   model (`resolve_init_from`, `_load_initial_weights`). A resume does not apply it again.
-* On CUDA: bf16 autocast, channels_last for image models, pinned memory and non-blocking copies,
-  optional ``torch.compile``; datasets small enough (digits, synthetic, CIFAR-, SVHN-,
-  Fashion-sized) are kept on the GPU as tensors and augmented there in batches, with the
-  policy `jumpout.data` declares for the CPU pipeline (``DatasetInfo.augmentation``).
+* ``precision``: fp32 (the paper's, the default), or autocast to bf16 or fp16 (with a loss
+  scaler, whose state checkpoints keep) on the CPU and on CUDA alike.
+* On CUDA: channels_last for image models, pinned memory and non-blocking copies, optional
+  ``torch.compile``; datasets small enough (digits, synthetic, CIFAR-, SVHN-, Fashion-sized) are
+  kept on the GPU as tensors and augmented there in batches, with the policy `jumpout.data`
+  declares for the CPU pipeline (``DatasetInfo.augmentation``). The others (ImageNet) stream
+  through one DataLoader per split, built once per run with persistent, pinned workers
+  (`loader_workers`: min(8, CPUs) unless ``num_workers`` says otherwise).
+* Checkpoints hold CPU tensors only (`_on_cpu`): loading one needs no ``map_location``.
 
 `fit` reads as its steps: `_start_run` (seed, data, model, optimiser), `_restore` (from a
 checkpoint), then per epoch `_train_epoch`, `_evaluate`, `_record_epoch` and a `_Checkpointer`
@@ -69,8 +74,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jumpout.distributed import Ranks, join_process_group
 from jumpout.provenance import environment
-from jumpout.spec import ConfigError, TrainConfig
+from jumpout.spec import FP16_NEEDS_CUDA, ConfigError, TrainConfig
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -89,6 +95,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_model",
+    "loader_workers",
     "resolve_device",
     "resolve_init_from",
 ]
@@ -505,6 +512,7 @@ def augment_on_device(
 # the tags keep the streams of one seed apart.
 _MASK64 = (1 << 64) - 1
 _SPLIT_STREAM, _AUGMENT_STREAM, _DEVICE_AUGMENT_STREAM = 1, 2, 3
+_RANK_STREAM = 4  # a rank's own torch stream (dropout, Jumpout) in a data-parallel run
 
 
 def _stream_seed(*values: int) -> int:
@@ -531,19 +539,23 @@ class _SeededAugmentation(torch.utils.data.Dataset):
     is untouched. (The transforms must draw from torch's RNG, as torchvision's do.)
     """
 
-    def __init__(self, dataset: Any, seed: int, epoch: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+    def __init__(self, dataset: Any, seed: int, epoch: int = 0, *, seeded: bool = True) -> None:
+        self.dataset, self.seed, self.epoch, self.seeded = dataset, seed, epoch, seeded
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, item: int | tuple[int, int]) -> Any:
+        # `_EpochSampler` asks for (epoch, index): the one loader of a run serves every epoch.
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+        if not self.seeded:  # no random transform: nothing to seed
+            return self.dataset[index]
         # The CPU generator only: `torch.manual_seed` would also reseed every CUDA generator,
         # and with num_workers=0 (the main process, CUDA initialised) dropout's masks on the GPU
         # would follow each batch's last sample's seed.
         generator = torch.default_generator
         outer = generator.get_state()
-        generator.manual_seed(_stream_seed(self.seed, _AUGMENT_STREAM, self.epoch, index))
+        generator.manual_seed(_stream_seed(self.seed, _AUGMENT_STREAM, epoch, index))
         try:
             return self.dataset[index]
         finally:
@@ -636,10 +648,55 @@ class _Data:
     val_set: Any = None
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
+    # The loader path's DataLoaders ("train", "test", "val"), built on first use and reused by
+    # every epoch, so that persistent workers are started once per run (`_loader`).
+    loaders: dict[str, Any] = field(default_factory=dict)
+    train_sampler: _EpochSampler | None = None
 
     @property
     def train_len(self) -> int:
         return len(self.train_x) if self.resident else len(self.train_set)
+
+
+def loader_workers(config: TrainConfig, device: torch.device) -> int:
+    """DataLoader processes for ``config`` on ``device``: ``num_workers`` when set; else none on
+    the CPU (the training shares its cores) and min(8, usable CPUs) on CUDA, where decoding
+    (ImageNet's JPEGs) in the main process would leave the GPU waiting."""
+    if config.num_workers is not None:
+        return config.num_workers
+    if device.type != "cuda":
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(8, cpus)
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """The sampler of a run's one training DataLoader: each epoch sets the sample order and the
+    epoch number, and the loader asks for ``(epoch, index)`` pairs, which carry the epoch to
+    `_SeededAugmentation` in worker processes that were started (persistent) in epoch 1."""
+
+    def __init__(self) -> None:
+        self.epoch, self.order = 0, []
+
+    def set_epoch(self, epoch: int, order: list[int]) -> None:
+        self.epoch, self.order = epoch, order
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def _loader(data: _Data, name: str, build) -> torch.utils.data.DataLoader:
+    """``data``'s DataLoader called ``name``, built by ``build()`` the first time."""
+    if name not in data.loaders:
+        data.loaders[name] = build()
+    return data.loaders[name]
 
 
 def _keep_data_on_device(device: torch.device) -> bool:
@@ -681,8 +738,9 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
         data.split = _validation_split(train_set, config.val_fraction, config.seed)
     if resident:
         data.resident = True
-        train_x, train_y = _stack_dataset(train_set, config.num_workers)
-        test_x, test_y = _stack_dataset(test_set, config.num_workers)
+        workers = loader_workers(config, device)
+        train_x, train_y = _stack_dataset(train_set, workers)
+        test_x, test_y = _stack_dataset(test_set, workers)
         if data.split is not None:
             train_index, val_index = data.split
             data.val_x, data.val_y = train_x[val_index], train_y[val_index]
@@ -715,10 +773,13 @@ def _train_batches(
     drop_last: bool,
     epoch: int,
     first_step: int = 0,
+    batch_size: int | None = None,
+    rank: int = 0,
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Epoch ``epoch``'s training batches in ``order`` (which starts at step ``first_step``
-    after a mid-epoch resume), augmented as a fixed function of (seed, epoch, sample or step)."""
-    batch = config.batch_size
+    after a mid-epoch resume), augmented as a fixed function of (seed, epoch, sample or step).
+    ``batch_size``: a rank's share of the global batch in a data-parallel run (``rank``)."""
+    batch = batch_size or config.batch_size
     if data.resident:
         order = order.to(device, non_blocking=True)
         stop = (len(order) // batch) * batch if drop_last else len(order)
@@ -729,26 +790,64 @@ def _train_batches(
             x = data.train_x[index]
             if augment:
                 # Seeded per step, not drawn from the device's global stream (dropout's).
+                # A rank other than 0 adds its rank: its crops are not rank 0's.
+                extra = (rank,) if rank else ()
                 generator.manual_seed(
-                    _stream_seed(config.seed, _DEVICE_AUGMENT_STREAM, epoch, step)
+                    _stream_seed(config.seed, _DEVICE_AUGMENT_STREAM, epoch, step, *extra)
                 )
                 x = augment_on_device(x, data.padding, data.flip, data.fill, generator)
             yield x, data.train_y[index]
         return
-    dataset = data.train_set
-    if data.random_augmentation:
-        dataset = _SeededAugmentation(dataset, config.seed, epoch)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=order.tolist(),
-        drop_last=drop_last,
-        num_workers=config.num_workers,
-        generator=loader_generator,
-        pin_memory=device.type == "cuda",
+
+    loader = _loader(
+        data,
+        "train",
+        lambda: _train_loader(data, config, device, loader_generator, drop_last, batch),
     )
+    data.train_sampler.set_epoch(epoch, order.tolist())
     for x, y in loader:
         yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+
+
+def _train_loader(
+    data: _Data,
+    config: TrainConfig,
+    device: torch.device,
+    loader_generator: torch.Generator,
+    drop_last: bool,
+    batch: int,
+) -> torch.utils.data.DataLoader:
+    """The run's one training DataLoader (the loader path); `_EpochSampler` sets each epoch's
+    order. Workers, when there are any, persist across epochs; batches are pinned for CUDA.
+    ``batch``: ``batch_size``, or a rank's share of it in a data-parallel run."""
+    data.train_sampler = _EpochSampler()
+    workers = loader_workers(config, device)
+    return torch.utils.data.DataLoader(
+        _SeededAugmentation(data.train_set, config.seed, seeded=data.random_augmentation),
+        batch_size=batch,
+        sampler=data.train_sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        generator=loader_generator,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+
+def _eval_loader(
+    dataset: Any, config: TrainConfig, device: torch.device, batch: int
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over the test or validation set, built once per run like `_train_loader`."""
+    workers = loader_workers(config, device)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        num_workers=workers,
+        # Its own generator: evaluation must not consume the global RNG the training uses.
+        generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
 
 
 def _test_batches(
@@ -762,15 +861,9 @@ def _test_batches(
         for start in range(0, len(xs), batch):
             yield xs[start : start + batch], ys[start : start + batch]
         return
-    loader = torch.utils.data.DataLoader(
-        data.val_set if validation else data.test_set,
-        batch_size=batch,
-        num_workers=config.num_workers,
-        # Its own generator: evaluation must not consume the global RNG the training uses.
-        generator=torch.Generator().manual_seed(config.seed),
-        pin_memory=device.type == "cuda",
-    )
-    for x, y in loader:
+
+    dataset = data.val_set if validation else data.test_set
+    for x, y in _loader(data, split, lambda: _eval_loader(dataset, config, device, batch)):
         yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
 
 
@@ -954,7 +1047,10 @@ def _add_drift(metrics: dict, run: _Run) -> None:
 class _Callbacks:
     """The callbacks given to `fit`, called in order; any may lack any method."""
 
-    def __init__(self, callbacks: Callback | Sequence[Any] | None) -> None:
+    def __init__(
+        self, callbacks: Callback | Sequence[Any] | None, ranks: Ranks | None = None
+    ) -> None:
+        self.ranks = ranks  # a data-parallel run's: every stop poll is agreed among the ranks
         if callbacks is None:
             callbacks = ()
         elif not isinstance(callbacks, list | tuple):
@@ -975,7 +1071,8 @@ class _Callbacks:
             method = getattr(callback, "should_stop", None)
             if method is not None and method():
                 stop = True
-        return stop
+        # Every rank polls at the same steps; a stop asked of any rank stops them all there.
+        return stop if self.ranks is None else self.ranks.any(stop)
 
 
 class _Checkpointer:
@@ -983,11 +1080,23 @@ class _Checkpointer:
     directory to the newest ``keep_last`` files (plus, with ``keep_best``, the best epoch's),
     reporting each file written and removed to the callbacks."""
 
-    def __init__(self, out_dir: Path, keep_last: int, keep_best: bool, hooks: _Callbacks) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        keep_last: int,
+        keep_best: bool,
+        hooks: _Callbacks,
+        ranks: Ranks | None = None,
+    ) -> None:
         self.out_dir = out_dir
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.hooks = hooks
+        # In a data-parallel run rank 0 alone writes; every rank waits for the file.
+        self.ranks = ranks
+        self.writes = ranks is None or ranks.rank == 0
+        if not self.writes:
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         for leftover in out_dir.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # a save interrupted by a kill
@@ -997,6 +1106,9 @@ class _Checkpointer:
         prune; return the path written."""
         epoch = state["epoch"]
         path = self.out_dir / checkpoint_name(epoch, state["step"])
+        if not self.writes:
+            self.ranks.barrier()  # rank 0 has written and pruned
+            return str(path)
         try:
             sha256, size = _atomic_save(state, path)
         except Exception as error:
@@ -1006,6 +1118,8 @@ class _Checkpointer:
             raise CheckpointWriteError(epoch, cause) from error
         self.hooks.call("on_checkpoint", str(path), epoch, sha256, size, is_best)
         self._prune(path, state["best_epoch"])
+        if self.ranks is not None:
+            self.ranks.barrier()
         return str(path)
 
     def _prune(self, newest: Path, best_epoch: int | None) -> None:
@@ -1223,12 +1337,38 @@ def fit(
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    hooks = _Callbacks(callbacks)
-    device = resolve_device(config.device)
+    # devices > 1: this process is one rank of a launched run (`jumpout.distributed`).
+    ranks = join_process_group(config, resolve_device(config.device))
+    try:
+        return _fit(
+            config,
+            _Callbacks(callbacks, ranks),
+            ranks,
+            resume_from=resume_from,
+            init_source=init_source,
+            checkpoint_every_s=checkpoint_every_s,
+        )
+    finally:
+        if ranks is not None:
+            ranks.leave()
+
+
+def _fit(
+    config: TrainConfig,
+    hooks: _Callbacks,
+    ranks: Ranks | None,
+    *,
+    resume_from: str | os.PathLike | None,
+    init_source: dict | None,
+    checkpoint_every_s: float,
+) -> FitResult:
+    """`fit`'s run in this process: all of it, or with ``ranks`` this rank's part."""
+    device = resolve_device(config.device) if ranks is None else ranks.device
+    _check_precision(config.precision, device)
     checkpointer = None
     if config.out_dir:
         checkpointer = _Checkpointer(
-            Path(config.out_dir), config.keep_last, config.keep_best, hooks
+            Path(config.out_dir), config.keep_last, config.keep_best, hooks, ranks
         )
     if resume_from is None and config.init_from is not None:
         # Before the data loads: a missing or misplaced file fails at once.
@@ -1239,7 +1379,7 @@ def fit(
                 f"init_source describes {init_source.get('source')!r}, not config.init_from "
                 f"{config.init_from!r}"
             )
-    run = _start_run(config, device)
+    run = _start_run(config, device, ranks)
     result = FitResult(config=config, model=run.model)
     epochs_done, steps_done, partial = 0, 0, None
     if resume_from is not None:
@@ -1260,12 +1400,14 @@ def fit(
             result.stopped = True
             return result
 
-        test_loss, test_accuracy = _evaluate(run.step_model, run.data, config, device, run.autocast)
+        test_loss, test_accuracy = _evaluate(
+            run.eval_model, run.data, config, device, run.autocast, ranks=ranks
+        )
         metrics = progress.metrics(test_loss, test_accuracy, run.layers)
         metrics["val_loss"] = metrics["val_accuracy"] = None
         if run.data.split is not None:
             metrics["val_loss"], metrics["val_accuracy"] = _evaluate(
-                run.step_model, run.data, config, device, run.autocast, split="val"
+                run.eval_model, run.data, config, device, run.autocast, split="val", ranks=ranks
             )
         _add_drift(metrics, run)
         # The epoch's wall time covers all of its measurements: training, the test and
@@ -1306,11 +1448,19 @@ class _Run:
     steps: int  # per epoch
     drop_last: bool
     channels_last: bool
-    autocast: torch.autocast
+    autocast: torch.autocast  # per ``config.precision`` (`_autocast`); disabled for fp32
+    scaler: torch.amp.GradScaler  # fp16's loss scaler; disabled (a pass-through) otherwise
     probe: torch.Tensor | None = None  # the fixed images of `_measure_drift`, taken on first use
+    ranks: Ranks | None = None  # this rank's place in a data-parallel run; None for one device
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluates. In a data-parallel run the bare model: DDP's forward broadcasts the
+        buffers, a collective that ranks with test shards of unequal sizes would wait on."""
+        return self.step_model if self.ranks is None else self.model
 
 
-def _start_run(config: TrainConfig, device: torch.device) -> _Run:
+def _start_run(config: TrainConfig, device: torch.device, ranks: Ranks | None = None) -> _Run:
     """Seed every RNG, then load the data and build the model, optimiser and schedule.
 
     The order matters for exact resumes and seeded reproducibility: the model's initial
@@ -1329,7 +1479,15 @@ def _start_run(config: TrainConfig, device: torch.device) -> _Run:
         model = model.to(memory_format=torch.channels_last)
     if use_cuda:
         torch.backends.cudnn.benchmark = True
-    step_model = torch.compile(model) if config.compile else model
+    step_model = model
+    if ranks is not None:
+        step_model = ranks.data_parallel(model)
+        # The weights came from the run's seed on every rank; from here each rank draws its
+        # dropout and Jumpout randomness from its own stream: each rank's batch is a batch.
+        torch.manual_seed(_stream_seed(config.seed, _RANK_STREAM, ranks.rank))
+        _shard_evaluation(data, ranks)
+    if config.compile:
+        step_model = torch.compile(step_model)
     layers = _jumpout_layers(model)
 
     optimizer = torch.optim.SGD(
@@ -1340,6 +1498,12 @@ def _start_run(config: TrainConfig, device: torch.device) -> _Run:
         weight_decay=config.weight_decay,
     )
     drop_last = data.train_len >= config.batch_size
+    if ranks is not None and not drop_last:
+        raise ConfigError(
+            "batch_size",
+            f"a data-parallel run needs at least one whole global batch: the training set has "
+            f"{data.train_len} samples, batch_size is {config.batch_size}",
+        )
     steps = data.train_len // config.batch_size if drop_last else 1
     schedule = _Schedule(config, optimizer, steps)
     schedule.apply()
@@ -1358,8 +1522,44 @@ def _start_run(config: TrainConfig, device: torch.device) -> _Run:
         steps=steps,
         drop_last=drop_last,
         channels_last=channels_last,
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda),
+        autocast=_autocast(config.precision, device),
+        scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
+        ranks=ranks,
     )
+
+
+def _shard_evaluation(data: _Data, ranks: Ranks) -> None:
+    """Give this rank every ``world``-th sample of the test and validation sets; `_evaluate`
+    adds the ranks' sums, so the figures are the whole sets'."""
+    from torch.utils.data import Subset
+
+    mine = slice(ranks.rank, None, ranks.world)
+    if data.resident:
+        data.test_x, data.test_y = data.test_x[mine], data.test_y[mine]
+        if data.val_x is not None:
+            data.val_x, data.val_y = data.val_x[mine], data.val_y[mine]
+        return
+    data.test_set = Subset(data.test_set, list(ranks.shard_indices(len(data.test_set))))
+    if data.val_set is not None:
+        data.val_set = Subset(data.val_set, list(ranks.shard_indices(len(data.val_set))))
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Where fp16 runs (a seam: the CPU tests of the loss-scaler path add "cpu").
+_FP16_DEVICE_TYPES = ("cuda",)
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    """Refuse fp16 where it has no fast kernels (``device=auto`` that found no GPU)."""
+    if precision == "fp16" and device.type not in _FP16_DEVICE_TYPES:
+        raise ConfigError("precision", FP16_NEEDS_CUDA)
+
+
+def _autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of ``precision`` on ``device``: fp32 runs without one (the paper's
+    arithmetic); bf16 and fp16 autocast on the CPU as on CUDA (docs/fidelity.md, "Precision")."""
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _restore(
@@ -1375,8 +1575,13 @@ def _restore(
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["scheduler"])
+    if run.scaler.is_enabled() and "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
     # After the model is built, so that its initialisation does not disturb the restored RNG.
-    _restore_rng(state["rng"], run.sampler_generator, run.loader_generator)
+    rng = state["rng"]
+    if run.ranks is not None and "rng_ranks" in state:
+        rng = state["rng_ranks"][run.ranks.rank]  # each rank continues its own streams
+    _restore_rng(rng, run.sampler_generator, run.loader_generator)
     epochs_done = int(state["epoch"])
     result.history = list(state.get("metrics", []))
     result.epochs_completed = epochs_done
@@ -1388,7 +1593,10 @@ def _restore(
         result.best_epoch = state.get("best_epoch")
         result.test_accuracy_at_best = state.get("test_accuracy_at_best")
     result.init_source = state.get("init")
-    return epochs_done, int(state.get("step", 0)), state.get("partial")
+    partial = state.get("partial")
+    if partial is not None and run.ranks is not None:
+        partial = run.ranks.local_partial(partial)
+    return epochs_done, int(state.get("step", 0)), partial
 
 
 @dataclass
@@ -1541,13 +1749,17 @@ def _train_epoch(
     if partial is not None and steps_done:
         order = order[steps_done * config.batch_size :]
         progress.add_partial(partial, steps_done)
+    batch, rank = config.batch_size, 0
+    if run.ranks is not None:  # this rank's slice of each global batch
+        order = run.ranks.shard(order, config.batch_size)
+        batch, rank = config.batch_size // run.ranks.world, run.ranks.rank
 
     run.model.train()
     train_started = time.perf_counter()
     progress.last_lr = run.optimizer.param_groups[0]["lr"]
     batches = _train_batches(
         run.data, config, run.device, order, run.loader_generator, run.drop_last, epoch,
-        first_step=progress.step,
+        first_step=progress.step, batch_size=batch, rank=rank,
     )  # fmt: skip
     for x, y in batches:
         loss, logits, lr = _train_step(run, x, y)
@@ -1565,6 +1777,8 @@ def _train_epoch(
         torch.cuda.synchronize(run.device)
     progress.train_seconds += time.perf_counter() - train_started
     progress.raise_if_non_finite()
+    if run.ranks is not None:
+        run.ranks.combine(progress)  # the epoch's sums over every rank's batches
     return progress
 
 
@@ -1578,9 +1792,12 @@ def _train_step(
         logits = run.step_model(x)
         loss = F.cross_entropy(logits, y)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # Without fp16 the scaler is a pass-through. With it, `step` reads one found-inf flag per
+    # step (a host sync) and skips a step whose gradients overflowed.
+    run.scaler.scale(loss).backward()
     lr = run.optimizer.param_groups[0]["lr"]
-    run.optimizer.step()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
     run.schedule.step()
     return loss, logits, lr
 
@@ -1613,7 +1830,9 @@ def _checkpoint_state(
         # Mid-epoch: the sample order must be redrawn from the epoch's start.
         rng["sampler"] = interrupted.sampler_state
         rng["loader"] = interrupted.loader_state
-    return {
+    # A data-parallel run's ranks each draw from their own streams: the checkpoint keeps all.
+    rng_ranks = run.ranks.gather(rng) if run.ranks is not None else None
+    state = {
         "model": run.model.state_dict(),
         MODEL_ARGS_KEY: run.model_args,
         "optimizer": run.optimizer.state_dict(),
@@ -1631,6 +1850,27 @@ def _checkpoint_state(
         "init": result.init_source,
         "environment": result.environment,
     }
+    if run.scaler.is_enabled():
+        state["scaler"] = run.scaler.state_dict()
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
+    return _on_cpu(state)
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (dicts, lists and tuples walked) on the CPU: a
+    checkpoint of a CUDA run loads anywhere without ``map_location``, and ``torch.save`` does
+    not keep the GPU's copies alive. CPU tensors are returned as they are (no copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_on_cpu(item) for item in value]
+    if isinstance(value, tuple):
+        items = [_on_cpu(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
 
 
 @torch.no_grad()
@@ -1641,8 +1881,12 @@ def _evaluate(
     device: torch.device,
     autocast: torch.autocast,
     split: str = "test",
+    ranks: Ranks | None = None,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) on the test set, or with ``split="val"`` the validation set."""
+    """(mean loss, accuracy) on the test set, or with ``split="val"`` the validation set. With
+    ``ranks``: on this rank's shard (`_shard_evaluation`), the sums added over the ranks."""
+    if ranks is not None:
+        ranks.sync_buffers(model)  # rank 0's batch-norm statistics, as the checkpoint's
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -1657,7 +1901,11 @@ def _evaluate(
         correct += (logits.argmax(1) == y).sum()
         count += y.shape[0]
     model.train()
+    totals = torch.stack([loss_sum.double(), correct.double()])
+    if ranks is not None:
+        totals = ranks.sum(torch.cat([totals, totals.new_tensor([count])]))
+        count = int(totals[2].item())
     if count == 0:
         return 0.0, 0.0
-    loss, hits = torch.stack([loss_sum, correct.float()]).tolist()
+    loss, hits = totals[:2].tolist()
     return loss / count, hits / count

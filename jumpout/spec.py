@@ -58,6 +58,7 @@ __all__ = [
     "Device",
     "FieldSpec",
     "Method",
+    "PRECISIONS",
     "REQUIRED",
     "SERVER_PATH_FIELDS",
     "Schedule",
@@ -155,6 +156,12 @@ _JOB_SOURCE = re.compile(r"job:[0-9a-f]{32}")
 II_BASE_RATES = ("matched", "mean_of_i", "dropout_rate")
 
 MAX_MILESTONES = 64
+MAX_DEVICES = 16  # devices of one data-parallel job (one box: torch.distributed's single node)
+
+# `precision`: fp32 throughout, or autocast to bf16 / fp16 (docs/fidelity.md, "Precision").
+PRECISIONS = ("fp32", "bf16", "fp16")
+# The CPU has no fast fp16 kernels (a small CNN's epoch ran ~20x slower than in fp32 here).
+FP16_NEEDS_CUDA = "fp16 needs a CUDA device; on the CPU use bf16 or fp32"
 
 
 @dataclass(frozen=True)
@@ -437,12 +444,36 @@ class TrainConfig:
         operator=True,
         help="where to train (auto: CUDA when there is a GPU)",
     )
-    num_workers: int = _field(
-        0, kind=INT, low=0, high=64, operator=True, help="data-loader processes"
+    # A client's choice (an operator caps it with max_devices): how many processes train one
+    # job data-parallel (`jumpout.distributed`).
+    devices: int = _field(
+        1,
+        kind=INT,
+        low=1,
+        high=MAX_DEVICES,
+        help="processes that train the job data-parallel with torch.distributed (one GPU each; "
+        "gloo processes on the CPU); batch_size is the global batch, split evenly among them",
+    )
+    num_workers: int | None = _field(
+        None,
+        kind=INT,
+        low=0,
+        high=64,
+        nullable=True,
+        operator=True,
+        help="data-loader processes (null: 0 on the CPU, min(8, CPUs) when a GPU reads from "
+        "the loader)",
     )
     keep_last: int = _field(3, kind=INT, low=1, high=1000, help="checkpoints kept (newest)")
     keep_best: bool = _field(True, kind=BOOL, help="also keep the best epoch's checkpoint")
     compile: bool = _field(False, kind=BOOL, help="torch.compile the model")
+    precision: str = _field(
+        "fp32",
+        kind=CHOICE,
+        choices=PRECISIONS,
+        help="arithmetic of forward and backward: fp32 (the paper's), or bf16 / fp16 autocast "
+        "(fp16 with a loss scaler)",
+    )
     train_size: int | None = _field(
         None,
         kind=INT,
@@ -695,6 +726,17 @@ def _check_together(values: dict[str, Any], overrides: dict[str, Any]) -> None:
         )
     if values["nesterov"] and values["momentum"] <= 0:
         raise ConfigError("nesterov", "Nesterov momentum needs momentum > 0; set nesterov=false")
+    if values["batch_size"] % values["devices"]:
+        # The global batch is split evenly: DDP averages the ranks' mean gradients, which is
+        # the global batch's mean gradient only when every rank's batch has the same size.
+        raise ConfigError(
+            "batch_size",
+            f"must be divisible by devices ({values['devices']}): each of the "
+            f"{values['devices']} processes trains batch_size/devices samples per step, "
+            f"got {values['batch_size']}",
+        )
+    if values["precision"] == "fp16" and values["device"] == Device.CPU:
+        raise ConfigError("precision", FP16_NEEDS_CUDA)
     if values["svhn_extra"] and values["dataset"] != "svhn":
         raise ConfigError(
             "svhn_extra",

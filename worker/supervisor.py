@@ -1,8 +1,10 @@
 """Run one claimed job: start the trainer process, keep its heartbeat, stop it, record the end.
 
-``run(job_id)`` is what the Celery task calls. It claims the next job in the fair order
-(``jobstore.jobs.claim_next``, a conditional update; a message that finds nothing queued returns
-quietly), whichever job the message names, and then ``supervise``
+``run(job_id)`` is what the Celery task calls. It claims the next job in the fair order that
+fits this box's free device slots (``jobstore.devicefit.claim_fitting``: the fair order of
+``jobstore.jobs.claim_next`` with a reservation for jobs needing several devices; a conditional
+update; a message that finds nothing to claim returns quietly), whichever job the message
+names, holds the job's slots (``worker.devices``) until its trainer exits, and ``supervise``
 starts the trainer, ``python -m worker.trainer JOB_ID``, in a new session, so that the trainer
 and its DataLoader workers form one process group that can be stopped together, and CUDA lives
 only there. The trainer is forked by this process's trainer template (``worker.template``: torch
@@ -23,6 +25,9 @@ trainer exit               job
                            the reason says which checkpoint is intact and how to resume the job
                            once space is freed (``POST /v1/jobs/{id}/retry``); never retried,
                            as another attempt would fail the same way
+``EXIT_DEVICE`` (6)        requeued at once without using up an attempt: the worker's device
+                           broke (driver, lost GPU; ``worker.devices``), not the job; this
+                           worker takes no more jobs (``devices.mark_unusable``)
 anything, after a cancel   ``cancelled`` (the trainer checkpoints and exits ``EXIT_STOPPED``;
 request                    after ``cancel_grace`` s it gets SIGTERM, 10 s later SIGKILL)
 anything, after a worker   requeued at once without using up an attempt; resumes from the
@@ -56,10 +61,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobstore import db, events, joblog, jobs
+from jobstore import db, devicefit, events, joblog, jobs
 from jobstore.settings import get_settings
 from jobstore.storage import is_disk_full
 from jobstore.tables import JobStatus
+from worker import devices
 from worker.failures import attempt_error, disk_full_reason, last_output_line
 from worker.template import ForkedTrainer, TemplateError, TrainerTemplate
 
@@ -69,8 +75,11 @@ EXIT_SUCCEEDED = 0
 EXIT_FAILED = 3
 EXIT_STOPPED = 4
 EXIT_ENVIRONMENT = 5
+EXIT_DEVICE = 6
 
 KILL_AFTER_TERM_S = 10.0
+# How long the end of a remote worker's log may hold the job's end (the artifact service away).
+LOG_SEND_TIMEOUT_S = 30.0
 ERROR_TAIL_BYTES = 2048
 RESULT_FILE = "trainer-result.json"
 # Room kept for the trainer's result file from the start of each attempt (blank: no reason yet),
@@ -98,7 +107,7 @@ def run(job_id: str = "") -> str | None:
 
     The message that called this carries ``job_id`` (the job whose submission or requeue sent
     it), but it only means "a worker is wanted": the database decides which job runs
-    (`jobstore.jobs.claim_next`), so one owner's hundreds of jobs cannot keep a colleague's
+    (`jobstore.devicefit.claim_fitting`), so one owner's hundreds of jobs cannot keep a colleague's
     waiting. After claiming, and again after finishing, the queue of dispatch messages is
     topped up, so that other free workers wake for the jobs still queued and this one comes back
     for the next."""
@@ -108,10 +117,30 @@ def run(job_id: str = "") -> str | None:
         log.info("message for job %s: worker shutting down, not claiming", job_id or "-")
         _dispatch_more()
         return None
-    job = db.call(jobs.claim_next, worker=settings.worker_name)
-    if job is None:
-        log.info("message for job %s: nothing queued to claim", job_id or "-")
+    plan = devices.current_plan()
+    if not plan.usable:
+        # The parent stops consuming when its device is unusable; a message already delivered
+        # is passed on to the other workers.
+        log.error(
+            "message for job %s: not claiming, the device is unusable: %s", job_id, plan.reason
+        )
         _dispatch_more()
+        return None
+    slots = devices.box_slots(settings)
+    job, lease = slots.lease(
+        lambda free, total: db.call(
+            devicefit.claim_fitting,
+            worker=settings.worker_name,
+            free=free,
+            total=total,
+            reserve_after_s=settings.device_reserve_after,
+        )
+    )
+    if job is None:
+        # Nothing queued, or nothing that fits the free slots: no top-up here (it would only wake
+        # this box's idle pool processes to find the same); a job ending on this box tops up, and
+        # the reaper does for the other boxes.
+        log.info("message for job %s: nothing queued that fits the free slots", job_id or "-")
         return None
     if job.id != job_id:
         log.info(
@@ -120,9 +149,11 @@ def run(job_id: str = "") -> str | None:
     events.publish_changed(job.id)  # running: the event streams' `status`
     _dispatch_more()
     budget = jobs.attempt_budget(job.max_attempts, configured=settings.max_attempts)
+    log.info("job %s: device slots %s", job.id, ",".join(lease.slots))
     try:
-        return supervise(job.id, attempt=job.attempt, max_attempts=budget)
+        return supervise(job.id, attempt=job.attempt, max_attempts=budget, env=lease.environment())
     finally:
+        lease.release()  # after the trainer exited: no two jobs on one device
         events.publish_changed(job.id)  # finished, cancelled or requeued (committed by now)
         _dispatch_more()
 
@@ -190,11 +221,20 @@ def stop_template() -> None:
     _template = None
 
 
-def start_trainer(job_id: str, log_file, command: list[str] | None = None):
+def start_trainer(
+    job_id: str,
+    log_file,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    while_waiting=None,
+):
     """Start the trainer of ``job_id`` writing to ``log_file``: forked by the trainer template
     (torch already imported: a small job starts in milliseconds instead of seconds), or spawned
     as ``command`` (default ``trainer_command(job_id)``) when a command is given or the template
-    cannot fork (it is restarted once first). Returns a ``subprocess.Popen`` or a
+    cannot fork (it is restarted once first). ``env``: added to the trainer's environment (its
+    device slots). ``while_waiting``: called about once a second while the template is not
+    ready yet (see ``TrainerTemplate.fork``). Returns a ``subprocess.Popen`` or a
     ``worker.template.ForkedTrainer``: both have ``pid`` and ``wait(timeout)``."""
     global _template_failed_in
     if command is None:
@@ -203,7 +243,9 @@ def start_trainer(job_id: str, log_file, command: list[str] | None = None):
             if template is None:
                 break
             try:
-                return template.fork(job_id, log_file.fileno())
+                return template.fork(
+                    job_id, log_file.fileno(), env=env, while_waiting=while_waiting
+                )
             except TemplateError as error:
                 log.warning("job %s: %s; restarting the template", job_id, error)
                 stop_template()  # a late fork of this request must not follow
@@ -216,7 +258,7 @@ def start_trainer(job_id: str, log_file, command: list[str] | None = None):
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 
@@ -226,10 +268,11 @@ def supervise(
     attempt: int,
     command: list[str] | None = None,
     max_attempts: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> str | None:
     """Run the trainer (``command``, default ``trainer_command(job_id)``) for a claimed job until
     it exits, then record the outcome. ``max_attempts``: the job's budget (default: the
-    setting)."""
+    setting); ``env``: added to the trainer's environment."""
     settings = get_settings()
     out_dir = jobs.job_directory(job_id)
     result_path = out_dir / RESULT_FILE
@@ -245,13 +288,23 @@ def supervise(
         log.error("job %s: no space left for its directory or log: %s", job_id, error)
         return _fail_for_environment(job_id, attempt=attempt)
     with log_file:
+        attempt_offset = log_file.tell()  # this attempt's output starts here (`_log_shipper`)
         try:
             log_file.write(f"\n=== attempt {attempt} ===\n".encode())
         except OSError as error:  # a full disk: the trainer will meet it too, and say so
             log.warning("job %s: could not write to its log: %s", job_id, error)
         start_offset = log_file.tell()
-        trainer = start_trainer(job_id, log_file, command)
+        # The job's heartbeat goes on while a template still imports torch (seconds; more than
+        # the reaper's timeout on a loaded machine, which then gave the job to another attempt).
+        trainer = start_trainer(
+            job_id,
+            log_file,
+            command,
+            env,
+            while_waiting=lambda: _best_effort(jobs.heartbeat, job_id, attempt=attempt),
+        )
     log.info("job %s attempt %d: trainer pid %d", job_id, attempt, trainer.pid)
+    shipper = _log_shipper(job_id, log_path, attempt_offset)
     stop: _Stop | None = None
     next_heartbeat = 0.0
     poll_s = min(1.0, settings.heartbeat_interval)
@@ -281,6 +334,8 @@ def supervise(
             _escalate(trainer.pid, stop, now, grace_s=settings.cancel_grace)
     # DataLoader workers or anything else the trainer left behind in its group.
     _signal_group(trainer.pid, signal.SIGKILL)
+    if shipper is not None:  # the API's copy of the log is whole before the job is final
+        shipper.close(timeout=LOG_SEND_TIMEOUT_S)
     return _record_outcome(
         job_id,
         attempt=attempt,
@@ -290,6 +345,19 @@ def supervise(
         tail=_tail(log_path, start_offset),
         max_attempts=max_attempts,
     )
+
+
+def _log_shipper(job_id: str, log_path: Path, offset: int):
+    """For a worker on another box (``artifact_url``): the thread that appends this attempt's
+    output, from ``offset`` of the local log, to the job's log on the API's box
+    (`worker.artifacts.LogShipper`); None on the API's box, whose log is this file."""
+    if not get_settings().artifact_url:
+        return None
+    from worker import artifacts
+
+    # No retries inside a request: the thread tries again a second later by itself.
+    client = artifacts.ArtifactClient(retry_s=0)
+    return artifacts.LogShipper(job_id, log_path, offset, client)
 
 
 def _escalate(pid: int, stop: _Stop, now: float, *, grace_s: float) -> None:
@@ -338,6 +406,16 @@ def _record_outcome(
         status, error = JobStatus.FAILED, _read_reason(result_path) or tail
     elif returncode == EXIT_ENVIRONMENT:
         return _fail_for_environment(job_id, attempt=attempt, reason=_read_reason(result_path))
+    elif returncode == EXIT_DEVICE:
+        # Not the job's fault: back to the queue with its attempt given back, for a worker whose
+        # device works; this one takes no more.
+        reason = _read_reason(result_path) or _crash_reason("met a broken device", 1, tail)
+        devices.mark_unusable(reason)
+        note = f"attempt {attempt} met a broken device on worker {settings.worker_name}: {reason}"
+        if db.call(jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=False):
+            _enqueue(job_id)
+        log.error("job %s: %s; requeued", job_id, note)
+        return JobStatus.QUEUED
     else:
         how = _describe_exit(returncode)
         crash = _read_reason(result_path) or _crash_reason(how, returncode, tail)

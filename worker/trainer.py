@@ -12,6 +12,12 @@ what happened (see ``worker.supervisor``):
   out of memory); the
   readable reason is in ``trainer-result.json`` next to the checkpoints; retrying cannot help;
 * ``EXIT_STOPPED``: stopped on request after checkpointing;
+* ``EXIT_DEVICE``: the worker's device is broken (no usable GPU where one is configured, a
+  driver too old for the wheel's CUDA line, a GPU lost mid-run: `worker.devices`); the reason is
+  for the operator; the job goes back to the queue without using an attempt;
+* ``EXIT_FAILED`` also for a ``compile=true`` job whose ``torch.compile`` fails (no C compiler
+  for Triton or Inductor, a backend compiler error): the same spec fails the same way on this
+  server, so the reason says to submit with ``compile=false`` or ask the operator;
 * ``EXIT_ENVIRONMENT``: the server's disk is full (a checkpoint, the log or the database could
   not be written: `jobstore.storage.is_disk_full`); the partial checkpoint is gone, the earlier
   ones intact, and the reason (`worker.failures.disk_full_reason`) says how to resume the job
@@ -27,23 +33,27 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from typing import Any
 
+from sqlalchemy import text
+
 from jobstore import datasets, db, events, jobs
 from jobstore.settings import get_settings
 from jobstore.storage import is_disk_full
 from jobstore.tables import JobStatus
-from worker.failures import describe_exception, disk_full_reason
+from worker import devices, ranks
+from worker.failures import describe_exception, disk_full_reason, shorten, strip_paths
 from worker.supervisor import (
+    EXIT_DEVICE,
     EXIT_ENVIRONMENT,
     EXIT_FAILED,
     EXIT_STOPPED,
     EXIT_SUCCEEDED,
-    RESULT_FILE,
 )
 
 log = logging.getLogger("worker.trainer")
@@ -74,6 +84,9 @@ class StoreCallback:
         self._cancel_checked_at = float("-inf")
         self._cancelled = False
         self._pending: list[dict] = []
+        # A worker on another box (`worker.artifacts`): checkpoints are sent to the API's box
+        # first, and the uploader records them (with their epochs) once they are there.
+        self.uploader = None
 
     def on_epoch_end(self, metrics: dict) -> None:
         self._pending.append(metrics)
@@ -81,7 +94,13 @@ class StoreCallback:
         log.info("epoch %s", _epoch_line(metrics))
 
     def flush(self) -> None:
-        """Write the epochs held back."""
+        """Write the epochs held back (a remote worker: after the uploads queued before them,
+        all of which are waited for)."""
+        if self.uploader is not None:
+            self.uploader.epochs(self._pending)
+            self._pending = []
+            self.uploader.close()
+            return
         if self._pending:
             db.call(_record_progress, self.job_id, self._pending)
             self._pending = []
@@ -90,6 +109,11 @@ class StoreCallback:
     def on_checkpoint(
         self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
     ) -> None:
+        if self.uploader is not None:
+            self.uploader.checkpoint(path, epoch=epoch, sha256=sha256, size_bytes=size_bytes,
+                                     is_best=is_best, epochs=self._pending)  # fmt: skip
+            self._pending = []
+            return
         checkpoint = dict(path=path, epoch=epoch, sha256=sha256, size_bytes=size_bytes)
         db.call(_record_progress, self.job_id, self._pending, {**checkpoint, "is_best": is_best})
         if self._pending:
@@ -97,7 +121,8 @@ class StoreCallback:
         self._pending = []
 
     def on_checkpoint_removed(self, path: str) -> None:
-        db.call(jobs.forget_checkpoint, self.job_id, path=path)
+        if self.uploader is None:  # else the uploader prunes the records, by the same rule
+            db.call(jobs.forget_checkpoint, self.job_id, path=path)
 
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
         self.progress.on_step(epoch, step, steps, loss)
@@ -109,7 +134,7 @@ class StoreCallback:
         if not self._cancelled and now - self._cancel_checked_at >= CANCEL_POLL_S:
             self._cancel_checked_at = now
             try:
-                self._cancelled = bool(db.call(jobs.cancel_requested, self.job_id, retry_for_s=0))
+                self._cancelled = bool(db.call(read_cancel_flag, self.job_id, retry_for_s=0))
             except Exception as error:  # noqa: BLE001 - the next poll asks again
                 log.warning("could not read the cancel flag: %s", error)
         return self._cancelled
@@ -128,6 +153,17 @@ def _epoch_line(metrics: dict) -> str:
     if metrics.get("seconds") is not None:
         parts.append(f"{metrics['seconds']:.2f} s")
     return parts[0] + ": " + ", ".join(parts[1:])
+
+
+def read_cancel_flag(session, job_id: str) -> bool:
+    """`jobs.cancel_requested` for the training thread, bounded in time: on PostgreSQL the
+    statement gives up after ``db_connect_timeout`` seconds (a lock, a stalled server), and the
+    connection itself was opened with a connect timeout and a TCP user timeout (`jobstore.db`),
+    so a network partition costs a poll at most about that long, never the training."""
+    if not db.is_sqlite():
+        timeout_ms = int(get_settings().db_connect_timeout * 1000)
+        session.execute(text(f"SET LOCAL statement_timeout = {timeout_ms}"))
+    return jobs.cancel_requested(session, job_id)
 
 
 def _record_progress(
@@ -171,7 +207,7 @@ def _write_result(job_id: str, error: str) -> None:
     """The failure's reason, for the supervisor, written over the room it reserved for it
     (`worker.supervisor.RESULT_RESERVED_BYTES`): that still works on a disk that has filled up.
     The supervisor reads it only once this process has exited."""
-    path = jobs.job_directory(job_id) / RESULT_FILE
+    path = jobs.job_directory(job_id) / ranks.result_name()  # a rank's own (`worker.ranks`)
     data = json.dumps({"status": JobStatus.FAILED, "error": error}).encode()
     with open(path, "r+b" if path.exists() else "wb") as result:
         result.write(data)
@@ -214,6 +250,45 @@ def _fail_for_environment(job_id: str, error: BaseException) -> int:
     return EXIT_ENVIRONMENT
 
 
+def _resume_file(job_id: str) -> str | None:
+    """The file of the job's newest checkpoint whose sha256 matches its record, or None: here,
+    or, for a worker on another box, fetched from the API's box (`worker.artifacts`)."""
+    from worker import artifacts
+
+    if artifacts.remote_artifacts():
+        client = artifacts.ArtifactClient()
+        try:
+            found = artifacts.fetch_checkpoint(job_id, client, into=jobs.job_directory(job_id))
+        finally:
+            client.close()
+        return str(found) if found is not None else None
+    checkpoint = db.call(jobs.newest_valid_checkpoint, job_id)
+    return checkpoint.path if checkpoint is not None else None
+
+
+def _checkpoint_uploader(job_id: str, config):
+    """For a worker on another box: the thread that sends the checkpoints to the API's box and
+    records them once there (`worker.artifacts.CheckpointUploader`); None on the API's box."""
+    from worker import artifacts
+
+    if not artifacts.remote_artifacts():
+        return None
+    artifacts.clear_staging(jobs.job_directory(job_id))
+
+    def record(epochs: list[dict], checkpoint: dict | None) -> None:
+        db.call(_record_progress, job_id, epochs, checkpoint)
+        if epochs:
+            events.publish_changed(job_id)
+
+    return artifacts.CheckpointUploader(
+        job_id,
+        artifacts.ArtifactClient(),
+        record,
+        keep_last=config.keep_last,
+        keep_best=config.keep_best,
+    )
+
+
 def _init_source(job, config, *, resuming: bool) -> dict | None:
     """Where this attempt's starting weights come from (`jumpout.engine.resolve_init_from`'s
     record): for ``job:<id>`` that job's newest valid checkpoint (sha256 checked), else a file
@@ -229,11 +304,65 @@ def _init_source(job, config, *, resuming: bool) -> dict | None:
     job_checkpoint = None
     if config.init_from.startswith("job:"):
         source_id = config.init_from.removeprefix("job:")
-        found = db.call(jobs.newest_valid_checkpoint, source_id)
-        if found is None:
+        job_checkpoint = _resume_file(source_id)
+        if job_checkpoint is None:
             raise ConfigError("init_from", f"job {source_id} has no valid checkpoint to start from")
-        job_checkpoint = found.path
     return resolve_init_from(config, job_checkpoint=job_checkpoint)
+
+
+def _fail_for_device(job_id: str, error: BaseException | str) -> int:
+    """The worker's device is broken: the reason for the operator; ``EXIT_DEVICE`` (requeued
+    without using an attempt, and this worker takes no more jobs)."""
+    import torch
+
+    log.error("job %s: the device is not usable: %s", job_id, error)
+    reason = devices.device_failure_reason(error, torch_cuda=torch.version.cuda)
+    _write_result_quietly(job_id, strip_paths(reason))
+    return EXIT_DEVICE
+
+
+def _check_device(device) -> None:
+    """A real call on a CUDA device (an allocation, a kernel, a copy back): the NVML-based
+    availability check says "available" even on a driver too old for the wheel."""
+    if device.type == "cuda":
+        import torch
+
+        torch.ones(8, device=device).mul_(2).sum().item()
+
+
+# A failure of torch.compile's backend, not of the model: Dynamo wraps what Inductor or Triton
+# raised (no C compiler, a compiler error) in BackendCompilerFailed (InductorError since 2.6).
+_COMPILER_FAILURE = re.compile(
+    r"C\+\+ compiler|C compiler|InvalidCxxCompiler|CalledProcessError|"
+    r"backend='inductor' raised|CompilationError",
+    re.IGNORECASE,
+)
+
+
+def is_compile_failure(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is ``torch.compile`` failing to compile."""
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed
+    except ImportError:  # pragma: no cover - torch without dynamo
+        BackendCompilerFailed = ()  # noqa: N806
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, BackendCompilerFailed) or _COMPILER_FAILURE.search(str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def compile_failure_reason(error: BaseException) -> str:
+    """A ``torch.compile`` failure for the person who submitted the job, without server paths."""
+    detail = shorten(strip_paths(f"{type(error).__name__}: {error}"), 200)
+    return (
+        f"torch.compile failed: {detail}; submit the job with compile=false, or ask the "
+        "server's operator to install a C compiler (gcc) and writable compiler caches "
+        "(TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR) in the worker"
+    )
 
 
 def train(job_id: str) -> int:
@@ -258,12 +387,21 @@ def train(job_id: str) -> int:
         return EXIT_FAILED
     try:
         config = build_config(job.spec, job_id=job_id)
-        device = resolve_device(config.device)
     except (ConfigError, TypeError, ValueError) as error:
         _write_result(job_id, f"invalid job spec: {error}")
         return EXIT_FAILED
-    checkpoint = db.call(jobs.newest_valid_checkpoint, job_id)
-    resume_from = checkpoint.path if checkpoint is not None else None
+    if config.devices > 1 and ranks.rank() is None:
+        # This process launches the job's ranks, which train (each checks its device), and
+        # makes one end of theirs (`worker.ranks`).
+        return ranks.run_ranks(job_id, config.devices)
+    try:
+        # The device is the server's setting, not the job's: a device that cannot be used here
+        # is this worker's failure, and the job goes back to the queue for another.
+        device = resolve_device(config.device)
+        _check_device(device)
+    except Exception as error:  # noqa: BLE001 - whatever CUDA raises: the device is unusable
+        return _fail_for_device(job_id, error)
+    resume_from = _resume_file(job_id)
     if resume_from:
         log.info("resuming job %s from %s", job_id, resume_from)
     try:
@@ -273,10 +411,18 @@ def train(job_id: str) -> int:
         return EXIT_FAILED
     # What reproducing the job needs beyond its spec; this attempt's replaces an earlier one's.
     provenance = environment(config, device=device, init_source=init_source)
-    db.call(jobs.set_environment, job_id, environment=provenance, device=_describe_device(device))
-    callback = StoreCallback(
-        job_id, stop_event=stop_event, parent_pid=parent_pid, epochs=config.epochs
-    )
+    slots = devices.job_slots()
+    if slots is not None:  # which of the box's device slots (GPUs) this attempt was given
+        provenance["device_slots"] = slots
+    if ranks.reports():  # one device, or rank 0 of several: the others only train
+        described = ranks.describe_device(config.devices, _describe_device(device))
+        db.call(jobs.set_environment, job_id, environment=provenance, device=described)
+        callback = StoreCallback(
+            job_id, stop_event=stop_event, parent_pid=parent_pid, epochs=config.epochs
+        )
+        callback.uploader = _checkpoint_uploader(job_id, config)
+    else:
+        callback = ranks.RankCallback(stop_event=stop_event, parent_pid=parent_pid)
     try:
         result = fit(
             config,
@@ -305,6 +451,15 @@ def train(job_id: str) -> int:
             "submit a smaller batch_size or a smaller architecture",
         )
         return EXIT_FAILED
+    except Exception as error:
+        if device.type == "cuda" and devices.is_device_failure(error):
+            return _fail_for_device(job_id, error)
+        if config.compile and is_compile_failure(error):
+            # Deterministic on this server: another attempt would compile, and fail, again.
+            log.error("job %s: torch.compile failed", job_id, exc_info=error)
+            _write_result(job_id, compile_failure_reason(error))
+            return EXIT_FAILED
+        raise
     finally:
         callback.flush()  # the epochs after the last checkpoint (none when it was the last)
     if result.stopped:
