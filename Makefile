@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test test-slow test-browser lint format services bench bench-model bench-api clean
+.PHONY: install run demo test test-slow test-browser test-container lint format services bench bench-model bench-api clean
 
 # One line per step instead of pip's wall of text (the steps stay --quiet; errors still show).
 $(STAMP): pyproject.toml
@@ -43,10 +43,10 @@ format: $(STAMP)
 services:
 	scripts/ensure-services.sh
 
-# Everything but the fault-injection tests marked `slow` (those run in `make test-slow`, and in CI)
-# and the browser tests (`make test-browser`).
+# Everything but the fault-injection tests marked `slow` (those run in `make test-slow`, and in CI),
+# the browser tests (`make test-browser`) and the Docker one (`make test-container`).
 test: $(STAMP) services lint
-	$(PY) -m pytest -m "not slow and not browser"
+	$(PY) -m pytest -m "not slow and not browser and not container"
 
 test-slow: $(STAMP) services
 	$(PY) -m pytest -m slow
@@ -55,6 +55,11 @@ test-slow: $(STAMP) services
 # apt-get by the tests when missing); saves a screenshot of each page to docs/screenshots/.
 test-browser: $(STAMP) services
 	$(PY) -m pytest -m browser tests/browser
+
+# docker-compose.yml built and run for real (README, "The team deployment"): as root on Debian;
+# installs Docker with apt-get and builds local base images the first time (scripts/prepare-docker-host).
+test-container: $(STAMP)
+	$(PY) -m pytest -m container tests/container
 
 bench: $(STAMP)
 	$(PY) benchmarks/layer.py
