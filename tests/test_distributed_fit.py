@@ -141,6 +141,7 @@ def test_a_killed_rank_fails_the_run_and_a_resume_continues_exactly(tmp_path):
     assert resumed["final_accuracy"] == straight["final_accuracy"]
 
 
+@pytest.mark.slow  # two ranks launched again: make test keeps the 2-vs-1 equivalence only
 def test_a_stop_asked_of_one_rank_stops_both_after_one_checkpoint(tmp_path):
     stop_file = tmp_path / "stop"
     stop_file.write_text("")

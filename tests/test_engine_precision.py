@@ -225,12 +225,13 @@ def test_a_cuda_run_gets_persistent_pinned_workers(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     data = engine._load_data(config(), torch.device("cpu"))
     cuda = torch.device("cuda")
-    train = engine._train_loader(data, config(), cuda, torch.Generator(), drop_last=True)
+    batch = config().batch_size
+    train = engine._train_loader(data, config(), cuda, torch.Generator(), True, batch)
     test = engine._eval_loader(data.test_set, config(), cuda, 64)
     for loader in (train, test):
         assert loader.num_workers == 8
         assert loader.persistent_workers and loader.pin_memory
-    cpu = engine._train_loader(data, config(), torch.device("cpu"), torch.Generator(), True)
+    cpu = engine._train_loader(data, config(), torch.device("cpu"), torch.Generator(), True, batch)
     assert cpu.num_workers == 0 and not cpu.persistent_workers and not cpu.pin_memory
 
 

@@ -62,6 +62,7 @@ def stack(tmp_path_factory):
         yield service
 
 
+@pytest.mark.slow  # a kill and a retry of two spawned ranks: over a minute on the 2-core VM
 def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(stack):
     job = stack.submit(dataset="digits", architecture="mlp", epochs=8, devices=2)
     assert job["spec"]["devices"] == 2

@@ -216,7 +216,7 @@ def test_a_trainer_whose_template_dies_checkpoints_and_counts_as_a_crash(
 def test_when_the_template_cannot_fork_the_trainer_is_spawned(job_store, template, monkeypatch):
     from worker.template import TemplateError
 
-    def refuse(self, job_id, log_fd):
+    def refuse(self, job_id, log_fd, env=None, **waiting):
         raise TemplateError("no fork today")
 
     monkeypatch.setattr(TrainerTemplate, "fork", refuse)
