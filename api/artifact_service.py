@@ -27,7 +27,9 @@ route                                                    answer
 ``DELETE /v1/internal/jobs/{id}/checkpoints/{name}``     204 (also when it was already gone)
 ``GET /v1/internal/jobs/{id}/log``                       ``{"size": n}``: where to append
 ``POST /v1/internal/jobs/{id}/log?offset=N``             ``{"size": n}``; 409 ``log_offset_ahead``
-  body: the bytes at offset N                            with the size when N is beyond the end
+  body: the bytes at offset N                            with the size when N is beyond the end,
+                                                         409 ``log_conflict`` when the bytes below
+                                                         the end differ from the stored ones
 =======================================================  =========================================
 """
 

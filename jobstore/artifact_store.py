@@ -13,8 +13,9 @@ These functions are that service's logic, torch-free and without HTTP:
   checkpoint always has its file.
 * `append_log`: a chunk of the log at the byte offset the worker says it belongs at. Appends are
   in order and idempotent: a chunk sent again (its answer was lost) is not written twice, a chunk
-  that would leave a gap is refused with the log's size. The log is bounded as a local one is
-  (`jobstore.joblog.cut_log`).
+  that would leave a gap is refused with the log's size, and so is one whose overlap with the
+  stored log differs from it (an attempt the job was taken from, writing where its successor
+  did). The log is bounded as a local one is (`jobstore.joblog.cut_log`).
 * `checkpoint_path` / `delete_checkpoint`: a checkpoint by job and file name (names are checked
   against the engine's pattern; job ids against `jobs.is_job_id`: no path comes from a request).
 """
@@ -35,7 +36,7 @@ from jobstore.jobs import is_job_id, job_directory
 from jobstore.settings import get_settings
 
 # `jumpout.engine.CHECKPOINT_PATTERN`, repeated because this side imports no torch (a test checks
-# that the two agree).
+# that the two agree). Use `fullmatch`: `$` also matches before a trailing newline.
 CHECKPOINT_NAME = re.compile(r"^checkpoint-epoch(\d{4,})(?:-step(\d{6,}))?\.pt$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PART_SUFFIX = ".part"
@@ -53,6 +54,14 @@ class LogGap(ServiceError):
     code = "log_offset_ahead"
 
 
+class LogConflict(ServiceError):
+    """A log chunk whose overlap with the stored log differs from it: not a resend but another
+    writer's output (the worker resynchronises: it appends at the end)."""
+
+    status_code = 409
+    code = "log_conflict"
+
+
 def job_dir(job_id: str) -> Path:
     """The job's directory, for a job id that `jobs.is_job_id` accepts (else `JobNotFound`)."""
     if not is_job_id(job_id):
@@ -63,7 +72,7 @@ def job_dir(job_id: str) -> Path:
 def checkpoint_path(job_id: str, name: str) -> Path:
     """Where the checkpoint file ``name`` of the job lives; `InvalidRequest` for a name the
     engine never writes (so no request names any other file)."""
-    if not CHECKPOINT_NAME.match(name):
+    if not CHECKPOINT_NAME.fullmatch(name):
         raise InvalidRequest(
             f"{name[:80]!r} is not a checkpoint file name",
             fields=[
@@ -75,7 +84,7 @@ def checkpoint_path(job_id: str, name: str) -> Path:
 
 def check_sha256(value: str | None) -> str:
     value = (value or "").strip().lower()
-    if not SHA256_HEX.match(value):
+    if not SHA256_HEX.fullmatch(value):
         raise InvalidRequest(
             "the X-Checksum-SHA256 header must be the file's sha256 (64 hexadecimal digits)",
             fields=[FieldError("X-Checksum-SHA256", "64 hexadecimal digits")],
@@ -166,11 +175,13 @@ def append_log(job_id: str, offset: int, data: bytes) -> int:
     """Write ``data`` at byte ``offset`` of the job's log; returns the log's new size.
 
     The bytes below the log's size are already stored, so a chunk sent twice (its answer was
-    lost) writes only what it adds; a chunk that starts beyond the end would leave a hole and is
+    lost) writes only what it adds, once its overlap is checked to be the stored bytes (else
+    `LogConflict`, nothing written); a chunk that starts beyond the end would leave a hole and is
     refused (`LogGap`, with the size to send from)."""
     path = job_dir(job_id) / joblog.LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # Read too: a resent chunk's overlap is compared with what is stored.
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         # One appender at a time per log (a retry may overlap the request it repeats).
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -180,6 +191,7 @@ def append_log(job_id: str, offset: int, data: bytes) -> int:
                 f"offset {offset} is beyond the end of the log ({size} bytes)",
                 fields=[FieldError("offset", f"at most {size}")],
             )
+        _check_overlap(path, fd, offset, data[: size - offset])
         new = data[size - offset :]
         view = memoryview(new)
         while view:
@@ -190,3 +202,24 @@ def append_log(job_id: str, offset: int, data: bytes) -> int:
         os.close(fd)
     joblog.cut_log(path, get_settings().log_max_bytes)
     return size
+
+
+def _check_overlap(path: Path, fd: int, offset: int, overlap: bytes) -> None:
+    """`LogConflict` unless the stored bytes at ``offset`` are ``overlap``. A range this log's
+    own cut dropped or wrote its marker over (`joblog.cut_log`) is not compared: it no longer
+    holds what was sent."""
+    if not overlap:
+        return
+    stored = os.pread(fd, len(overlap), offset)
+    hole = joblog.read_hole(path)
+    if hole is not None:
+        # The marker's length is not recorded; its longest form bounds it.
+        unknown_end = hole.end + len(joblog.marker(2**63))
+        start, end = max(hole.start - offset, 0), max(unknown_end - offset, 0)
+        stored = stored[:start] + overlap[start:end] + stored[end:]
+    if stored != overlap:
+        raise LogConflict(
+            f"the {len(overlap)} bytes from offset {offset} differ from the stored log: another "
+            "attempt wrote there; append at the log's end",
+            fields=[FieldError("offset", "the log's size (GET the log's size)")],
+        )

@@ -17,9 +17,12 @@ still writes each checkpoint to its own ``artifact_dir`` (the engine is unchange
   newest recorded checkpoint, from this box's copy when its sha256 matches, else downloaded and
   checked against the sha256 the database recorded.
 * `LogShipper` (a thread of the supervisor) appends the trainer's new output to the job's log on
-  the API's box once a second, by byte offset (the service refuses a gap and ignores a repeat),
-  and sends the rest before the supervisor records the job's end, so the API's log is whole when
-  the job is final.
+  the API's box once a second, by byte offset (the service refuses a gap and a chunk that differs
+  from what it holds, and ignores a repeat), read as the API reads a log (`jobstore.joblog.
+  read_log`: a range the supervisor's cut dropped is skipped, never sent as zeros), and sends the
+  rest before the supervisor records the job's end, so the API's log is whole when the job is
+  final, unless the service does not answer within ``LOG_SEND_TIMEOUT_S`` (then the end is
+  recorded anyway and the rest stays in the local log only).
 
 Transient failures (the service restarting, a network partition) are retried for
 ``artifact_retry_s``; an upload that still fails then fails the attempt (a crash: retried from
@@ -34,13 +37,14 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from sqlalchemy import delete, select
 
-from jobstore import db, jobs
+from jobstore import db, joblog, jobs
 from jobstore.artifact_store import CHECKPOINT_NAME
 from jobstore.settings import get_settings
 from jobstore.tables import Checkpoint
@@ -52,6 +56,9 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 STAGING_DIR = ".uploading"  # in the job's local directory: hard links waiting to be sent
 LOG_CHUNK = 1 << 20  # log bytes per request
 LOG_SHIP_INTERVAL_S = 1.0
+# Each log request's own limit: a hung service must not hold the job's end for the client's
+# default 300 s (the supervisor writes no heartbeat while it waits; `LogShipper.close`).
+LOG_REQUEST_TIMEOUT_S = 10.0
 RETRY_STATUSES = frozenset({502, 503, 504, 507})
 DOWNLOAD_CHUNK = 1 << 20
 
@@ -76,7 +83,8 @@ def remote_artifacts() -> bool:
 
 class ArtifactClient:
     """The artifact service's routes, with the workers' secret; transient failures retried for
-    ``retry_s`` seconds (default ``artifact_retry_s``). ``http``: a ready client (tests)."""
+    ``retry_s`` seconds (default ``artifact_retry_s``), each request waiting at most
+    ``timeout_s`` for the service. ``http``: a ready client (tests)."""
 
     def __init__(
         self,
@@ -85,6 +93,7 @@ class ArtifactClient:
         *,
         http: httpx.Client | None = None,
         retry_s: float | None = None,
+        timeout_s: float = 300.0,
     ) -> None:
         settings = get_settings()
         self.retry_s = settings.artifact_retry_s if retry_s is None else retry_s
@@ -94,7 +103,7 @@ class ArtifactClient:
             http = httpx.Client(
                 base_url=(base_url or settings.artifact_url).rstrip("/"),
                 # Connecting is quick or the service is away; a large file takes its time.
-                timeout=httpx.Timeout(300.0, connect=10.0),
+                timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             )
         http.headers.update(headers)
         self.http = http
@@ -152,22 +161,28 @@ class ArtifactClient:
         """Fetch the job's checkpoint ``name`` into ``destination`` (written under a temporary
         name, renamed once its sha256 is the recorded one). Raises `ArtifactError`."""
         destination.parent.mkdir(parents=True, exist_ok=True)
-        part = destination.with_name(f".{name}.download")
+        # Unique per download: two trainers of this box fetching one checkpoint (a resume and a
+        # job started from it) must not write into each other's file.
+        part = destination.with_name(f".{name}.{uuid.uuid4().hex}.download")
         deadline = time.monotonic() + self.retry_s
-        while True:
-            try:
-                digest = _stream_to(
-                    self.http, f"/v1/internal/jobs/{job_id}/checkpoints/{name}", part
-                )
-                break
-            except httpx.TransportError as transport:
-                if time.monotonic() > deadline:
-                    raise ArtifactError(f"could not download {name}: {transport}") from transport
-                time.sleep(1.0)
-        if digest != sha256:
-            part.unlink(missing_ok=True)
-            raise DownloadMismatch(f"{name}: downloaded sha256 {digest}, recorded {sha256}")
-        os.replace(part, destination)
+        try:
+            while True:
+                try:
+                    digest = _stream_to(
+                        self.http, f"/v1/internal/jobs/{job_id}/checkpoints/{name}", part
+                    )
+                    break
+                except httpx.TransportError as transport:
+                    if time.monotonic() > deadline:
+                        raise ArtifactError(
+                            f"could not download {name}: {transport}"
+                        ) from transport
+                    time.sleep(1.0)
+            if digest != sha256:
+                raise DownloadMismatch(f"{name}: downloaded sha256 {digest}, recorded {sha256}")
+            os.replace(part, destination)
+        finally:
+            part.unlink(missing_ok=True)  # after a failure (once renamed, nothing is there)
         return destination
 
     def delete_checkpoint(self, job_id: str, name: str) -> None:
@@ -231,6 +246,23 @@ def _recorded_newest_first(session, job_id: str) -> list[tuple[str, str, int, in
     return [tuple(row) for row in rows]
 
 
+def newest_intact_checkpoint(session, job_id: str) -> Checkpoint | None:
+    """The checkpoint a retry of the job would resume from, for a disk-full reason: on the API's
+    box `jobs.newest_valid_checkpoint` (the file checked); on a remote worker the newest recorded
+    one, unchecked, as its path is the API box's (not here) and it was recorded only after the
+    artifact service had checked its sha256."""
+    if not remote_artifacts():
+        return jobs.newest_valid_checkpoint(session, job_id)
+    row = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.epoch.desc(), Checkpoint.created_at.desc(), Checkpoint.id.desc())
+        .limit(1)
+    ).first()
+    session.commit()
+    return row
+
+
 def fetch_checkpoint(job_id: str, client: ArtifactClient, *, into: Path) -> Path | None:
     """The newest recorded checkpoint of ``job_id`` as a file in ``into``: this box's copy if its
     sha256 is the recorded one, else downloaded from the artifact service (and checked). A
@@ -238,7 +270,7 @@ def fetch_checkpoint(job_id: str, client: ArtifactClient, *, into: Path) -> Path
     as `jobs.newest_valid_checkpoint` does; None when no checkpoint is left."""
     for recorded_path, sha256, size_bytes, epoch in db.call(_recorded_newest_first, job_id):
         name = Path(recorded_path).name
-        if not CHECKPOINT_NAME.match(name):
+        if not CHECKPOINT_NAME.fullmatch(name):
             continue
         local = into / name
         if (
@@ -279,7 +311,7 @@ def prune_records(session, job_id: str, *, keep_last: int, keep_best: bool) -> l
     ).all()
     named = []
     for row in rows:
-        match = CHECKPOINT_NAME.match(Path(row.path).name)
+        match = CHECKPOINT_NAME.fullmatch(Path(row.path).name)
         if match:
             named.append(((int(match.group(1)), int(match.group(2) or 0)), row))
     named.sort(key=lambda item: item[0])
@@ -453,42 +485,51 @@ class LogShipper:
         """Send what is new (at most `LOG_CHUNK` bytes); True when it was all sent."""
         if self.remote_offset is None:
             self.remote_offset = self.client.log_size(self.job_id)
-        with open(self.local_path, "rb") as handle:
-            handle.seek(self.local_offset)
-            data = handle.read(LOG_CHUNK)
-            at_end = handle.tell() >= os.fstat(handle.fileno()).st_size
-        if not data:
-            return True
+        # As the API reads a log: the supervisor's cut (`joblog.cut_log`) punched zeros into a
+        # range a slow shipper may not have sent yet; it is skipped, its marker line sent.
+        chunk = joblog.read_log(self.local_path, self.local_offset, LOG_CHUNK)
+        if not chunk.data:
+            self.local_offset = max(self.local_offset, chunk.next_offset)
+            return chunk.next_offset >= chunk.size
         try:
-            size = self.client.append_log(self.job_id, self.remote_offset, data)
+            size = self.client.append_log(self.job_id, self.remote_offset, chunk.data)
         except ArtifactError as error:
-            if (
-                error.status_code == 409
-            ):  # the log there is shorter than we thought: resend at its end
+            if error.status_code == 409:
+                # The log there is not what we thought (shorter: a gap; or another attempt
+                # wrote there: a conflict): resend at its end.
                 self.remote_offset = None
             raise
-        self.local_offset += len(data)
+        self.local_offset = chunk.next_offset
         self.remote_offset = size
-        return at_end
+        return chunk.next_offset >= chunk.size
 
     def close(self, timeout: float) -> None:
-        """Stop the thread and send the rest, trying for at most ``timeout`` seconds (a log is
-        not worth holding the job's end longer: what could not be sent is in the local log)."""
-        self._stop.set()
-        self._thread.join()
+        """Stop the thread and send the rest, trying for at most ``timeout`` seconds plus one
+        request's limit (a log is not worth holding the job's end longer, and the supervisor
+        writes no heartbeat meanwhile: what could not be sent stays in the local log)."""
         deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            # Still in a request to a service that does not answer; two shippers at once would
+            # race on the offsets. Its client is left open: the thread ends after the request's
+            # own limit, and closing the client under it would only raise there.
+            log.warning("job %s: the end of its log was not sent: the artifact service did not "
+                        "answer in %.0f s", self.job_id, timeout)  # fmt: skip
+            return
         try:
             while True:
                 try:
                     if self.ship():
                         return
-                    continue
-                except (ArtifactError, OSError) as error:
-                    if time.monotonic() > deadline:
-                        log.warning(
-                            "job %s: the end of its log was not sent: %s", self.job_id, error
-                        )
-                        return
-                time.sleep(0.5)
+                    error = None
+                except (ArtifactError, OSError) as failure:
+                    error = failure
+                if time.monotonic() > deadline:
+                    log.warning("job %s: the end of its log was not sent in %.0f s: %s",
+                                self.job_id, timeout, error or "still sending")  # fmt: skip
+                    return
+                if error is not None:
+                    time.sleep(0.5)
         finally:
             self.client.close()

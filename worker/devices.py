@@ -16,7 +16,9 @@ pings, so that the operator sees it instead of a restart loop.
 **A device that breaks while a job runs** (`is_device_failure`: the GPU fell off the bus, an
 uncorrectable ECC error, the driver went away, the configured CUDA device vanished): the trainer
 exits ``EXIT_DEVICE``; the supervisor puts the job back in the queue without using one of its
-attempts (it was not the job's fault) and the worker stops taking jobs (`mark_unusable`).
+attempts (it was not the job's fault) and the worker stops taking jobs (`mark_unusable`). The
+same job's next device failure in a row counts as a crash instead (an attempt used, the worker
+left usable): a job whose own error matches a device pattern must not disable every worker.
 
 **Device slots.** A box's visible GPUs are its slots (``JUMPOUT_DEVICE_SLOTS`` may declare fewer;
 on the CPU it declares N simulated slots, 1 by default), and the Celery worker runs one pool

@@ -27,7 +27,9 @@ trainer exit               job
                            as another attempt would fail the same way
 ``EXIT_DEVICE`` (6)        requeued at once without using up an attempt: the worker's device
                            broke (driver, lost GPU; ``worker.devices``), not the job; this
-                           worker takes no more jobs (``devices.mark_unusable``)
+                           worker takes no more jobs (``devices.mark_unusable``). The job's
+                           next device failure in a row is a crash (below): it uses an
+                           attempt and leaves the worker usable
 anything, after a cancel   ``cancelled`` (the trainer checkpoints and exits ``EXIT_STOPPED``;
 request                    after ``cancel_grace`` s it gets SIGTERM, 10 s later SIGKILL)
 anything, after a worker   requeued at once without using up an attempt; resumes from the
@@ -78,7 +80,10 @@ EXIT_ENVIRONMENT = 5
 EXIT_DEVICE = 6
 
 KILL_AFTER_TERM_S = 10.0
-# How long the end of a remote worker's log may hold the job's end (the artifact service away).
+# In a job's ``error`` after a device failure (`_device_failed_before` looks for it).
+DEVICE_NOTE = "met a broken device"
+# How long the end of a remote worker's log may hold the job's end (the artifact service away;
+# plus one request's `artifacts.LOG_REQUEST_TIMEOUT_S`): after it the end is recorded anyway.
 LOG_SEND_TIMEOUT_S = 30.0
 ERROR_TAIL_BYTES = 2048
 RESULT_FILE = "trainer-result.json"
@@ -355,8 +360,10 @@ def _log_shipper(job_id: str, log_path: Path, offset: int):
         return None
     from worker import artifacts
 
-    # No retries inside a request: the thread tries again a second later by itself.
-    client = artifacts.ArtifactClient(retry_s=0)
+    # No retries inside a request: the thread tries again a second later by itself. A short
+    # limit per request: `LogShipper.close` holds the job's end (no heartbeat) at most that long
+    # past LOG_SEND_TIMEOUT_S, well inside the reaper's heartbeat timeout.
+    client = artifacts.ArtifactClient(retry_s=0, timeout_s=artifacts.LOG_REQUEST_TIMEOUT_S)
     return artifacts.LogShipper(job_id, log_path, offset, client)
 
 
@@ -406,12 +413,12 @@ def _record_outcome(
         status, error = JobStatus.FAILED, _read_reason(result_path) or tail
     elif returncode == EXIT_ENVIRONMENT:
         return _fail_for_environment(job_id, attempt=attempt, reason=_read_reason(result_path))
-    elif returncode == EXIT_DEVICE:
+    elif returncode == EXIT_DEVICE and not _device_failed_before(job_id):
         # Not the job's fault: back to the queue with its attempt given back, for a worker whose
         # device works; this one takes no more.
-        reason = _read_reason(result_path) or _crash_reason("met a broken device", 1, tail)
+        reason = _read_reason(result_path) or _crash_reason(DEVICE_NOTE, 1, tail)
         devices.mark_unusable(reason)
-        note = f"attempt {attempt} met a broken device on worker {settings.worker_name}: {reason}"
+        note = f"attempt {attempt} {DEVICE_NOTE} on worker {settings.worker_name}: {reason}"
         if db.call(jobs.requeue_job, job_id, attempt=attempt, error=note, count_attempt=False):
             _enqueue(job_id)
         log.error("job %s: %s; requeued", job_id, note)
@@ -419,6 +426,11 @@ def _record_outcome(
     else:
         how = _describe_exit(returncode)
         crash = _read_reason(result_path) or _crash_reason(how, returncode, tail)
+        if returncode == EXIT_DEVICE:
+            # Its second device failure in a row, on another worker: more likely the job's own
+            # error matching a device pattern than two broken devices, so it uses an attempt
+            # and this worker stays usable (else it would disable every worker in turn, forever).
+            crash = f"{DEVICE_NOTE} again, on worker {settings.worker_name}: {crash}"
         error = attempt_error(job_id, attempt=attempt, budget=budget, reason=crash)
         if attempt < budget:
             log.warning("job %s attempt %d: trainer %s; requeueing", job_id, attempt, how)
@@ -429,6 +441,13 @@ def _record_outcome(
     db.call(jobs.finish_job, job_id, status=status, error=error, attempt=attempt)
     log.info("job %s attempt %d: %s", job_id, attempt, status)
     return status
+
+
+def _device_failed_before(job_id: str) -> bool:
+    """Whether the job's last requeue was for a device failure (its ``error`` says so: no
+    column of its own; the crash path's error for a repeated one says so too)."""
+    row = _best_effort(jobs.get_job, job_id)
+    return row is not None and DEVICE_NOTE in (row.error or "")
 
 
 def _crash_reason(how: str, returncode: int, tail: str) -> str:
@@ -442,7 +461,9 @@ def _fail_for_environment(job_id: str, *, attempt: int, reason: str | None = Non
     """Fail the job at once for a full disk (see the table above): ``reason`` is the trainer's
     (which checkpoint it could not write), else one written here."""
     if reason is None:
-        newest = _best_effort(jobs.newest_valid_checkpoint, job_id)
+        from worker import artifacts  # a remote worker's checkpoints are on the API's box
+
+        newest = _best_effort(artifacts.newest_intact_checkpoint, job_id)
         reason = disk_full_reason(job_id, intact_epoch=newest.epoch if newest else None)
     db.call(jobs.finish_job, job_id, status=JobStatus.FAILED, error=reason, attempt=attempt)
     log.error("job %s attempt %d: failed, the disk is full", job_id, attempt)

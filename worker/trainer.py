@@ -234,10 +234,12 @@ def _fail_for_environment(job_id: str, error: BaseException) -> int:
         if isinstance(cause, CheckpointWriteError):
             failed_epoch = cause.epoch
         cause = cause.__cause__ or cause.__context__
+    from worker import artifacts
+
     try:
         # The engine removed the partial file; the newest checkpoint whose sha256 matches is
-        # what a retry resumes from.
-        intact = db.call(jobs.newest_valid_checkpoint, job_id, retry_for_s=0)
+        # what a retry resumes from (a remote worker's: the newest recorded, on the API's box).
+        intact = db.call(artifacts.newest_intact_checkpoint, job_id, retry_for_s=0)
     except Exception as read_error:  # noqa: BLE001 - the reason is written without it
         log.warning("could not read the job's checkpoints: %s", read_error)
         intact = None

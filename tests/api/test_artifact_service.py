@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from api import auth
-from jobstore import artifact_store, jobs
+from jobstore import artifact_store, joblog, jobs
 from jobstore.settings import Settings, get_settings
 
 SECRET = "s3cret-for-the-workers-only"
@@ -143,6 +143,7 @@ def test_an_uploaded_checkpoint_is_served_by_the_public_api_once_recorded(
         ("../trainer.log", None, 404, "not_found"),  # never a path: the router does not match
         ("trainer.log", None, 422, "invalid_request"),
         ("checkpoint-epoch0001.pt.tmp", None, 422, "invalid_request"),
+        ("checkpoint-epoch0001.pt%0A", None, 422, "invalid_request"),  # `$` matched before \n
         (NAME, "not-a-sha", 422, "invalid_request"),
     ],
 )
@@ -197,9 +198,45 @@ def test_the_log_is_appended_in_order_once_and_read_through_the_public_api(
     assert artifact_store.log_size(job_id) == 34
 
 
+def test_a_chunk_that_differs_from_the_stored_log_is_refused_not_merged(service, make_job):
+    """An attempt the job was taken from, writing at the offset its successor already wrote at:
+    before, its bytes below the end were taken for a resend and its tail appended (corrupt)."""
+    job_id = make_job()
+    url = f"/v1/internal/jobs/{job_id}/log"
+
+    def append(offset: int, data: bytes):
+        return service.post(url, params={"offset": offset}, content=data, headers=WORKER)
+
+    assert append(0, b"=== attempt 1 ===\n").json() == {"size": 18}
+    for offset, data in ((0, b"=== attempt 2 ===\n"), (10, b"t 2 ===\nepoch 1\n"),
+                         (17, b"!stale output of attempt 1\n")):  # fmt: skip
+        conflict = append(offset, data)
+        assert conflict.status_code == 409, conflict.text
+        assert conflict.json()["error"]["code"] == "log_conflict"
+    assert append(10, b"t 1 ===\nepoch 1\n").json() == {"size": 26}  # a true resend still is
+    assert artifact_store.log_size(job_id) == 26
+    stored = (get_settings().artifact_dir / "jobs" / job_id / "trainer.log").read_bytes()
+    assert stored == b"=== attempt 1 ===\nepoch 1\n"
+
+
+def test_a_resend_over_the_range_the_logs_cut_dropped_is_not_a_conflict(
+    service, configure, make_job
+):
+    configure(worker_secret=SECRET, log_max_bytes=64 * 1024)
+    job_id = make_job()
+    data = b"".join(b"line %06d\n" % n for n in range(10_000))  # 110 kB: the middle is cut
+    url = f"/v1/internal/jobs/{job_id}/log"
+    first = service.post(url, params={"offset": 0}, content=data, headers=WORKER)
+    assert first.json() == {"size": len(data)}
+    path = get_settings().artifact_dir / "jobs" / job_id / "trainer.log"
+    assert joblog.read_hole(path) is not None  # the service's own cut happened
+    again = service.post(url, params={"offset": 0}, content=data, headers=WORKER)
+    assert again.status_code == 200 and again.json() == {"size": len(data)}, again.text
+
+
 def test_the_checkpoint_name_pattern_is_the_engines():
     from jumpout.engine import CHECKPOINT_PATTERN, checkpoint_name
 
     assert artifact_store.CHECKPOINT_NAME.pattern == CHECKPOINT_PATTERN.pattern
     for epoch, step in ((1, 0), (12, 345), (10000, 0)):
-        assert artifact_store.CHECKPOINT_NAME.match(checkpoint_name(epoch, step))
+        assert artifact_store.CHECKPOINT_NAME.fullmatch(checkpoint_name(epoch, step))

@@ -115,6 +115,32 @@ def test_a_broken_device_requeues_without_an_attempt_and_stops_the_worker(
     assert job_store.call(jobs.get_job, claimed_job).status == "queued"
 
 
+def test_a_jobs_second_device_failure_uses_an_attempt_and_leaves_the_worker_usable(
+    job_store, claimed_job, tmp_path, enqueued, fresh_plan
+):
+    """A job whose own failure matches a device pattern ("initialization error"): before, it was
+    requeued for free each time and disabled every worker in turn, for ever."""
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"error": "the device is not usable: initialization error"}))
+
+    def fail_on_a_device(attempt: int) -> str:
+        return _record_outcome(claimed_job, attempt=attempt, returncode=EXIT_DEVICE, stop=None,
+                               result_path=result, tail="", max_attempts=2)  # fmt: skip
+
+    assert fail_on_a_device(1) == "queued"  # the first: given back, this worker stops
+    assert devices.current_plan().usable is False
+    devices._plan = None  # the next worker
+    for attempt in (1, 2):
+        assert job_store.call(jobs.claim_job, claimed_job, worker="next") is not None
+        status = fail_on_a_device(attempt)
+        row = job_store.call(jobs.get_job, claimed_job)
+        assert (row.attempt, devices.current_plan().usable) == (attempt, True), row.error
+        assert "met a broken device again" in row.error and "initialization error" in row.error
+    assert (status, row.status) == ("failed", "failed")  # out of attempts
+    assert row.error.startswith("attempt 2 of 2:")
+    assert enqueued == [claimed_job, claimed_job]
+
+
 @needs_no_gpu
 def test_a_trainer_on_an_unusable_device_gives_the_job_back(
     job_store, claimed_job, enqueued, fresh_plan, monkeypatch

@@ -147,3 +147,31 @@ def test_a_full_disk_in_the_trainer_is_an_environment_failure_naming_the_epochs(
         "checkpoint of epoch 4 is intact; once the operator has freed space, resume the job "
         f"(POST /v1/jobs/{claimed_job}/retry)"
     )
+
+
+def test_a_remote_workers_full_disk_names_the_checkpoint_recorded_on_the_apis_box(
+    claimed_job, job_store, monkeypatch
+):
+    """On a worker with ``artifact_url``, recorded checkpoint paths are the API box's: checking
+    them here found none intact and said the job would start over."""
+    from jumpout.engine import CheckpointWriteError
+    from worker import supervisor
+
+    monkeypatch.setenv("JUMPOUT_ARTIFACT_URL", "http://api-box.invalid:8001")
+    get_settings.cache_clear()
+    job_store.call(
+        jobs.record_checkpoint, claimed_job, epoch=4, is_best=False, size_bytes=7,
+        path=f"/srv/api-box/artifacts/jobs/{claimed_job}/checkpoint-epoch0004.pt",
+        sha256="ab" * 32,
+    )  # fmt: skip
+    jobs.job_directory(claimed_job).mkdir(parents=True)
+
+    def full(job_id):
+        raise CheckpointWriteError(5, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(trainer, "train", full)
+    assert trainer.main([claimed_job]) == EXIT_ENVIRONMENT
+    assert "the checkpoint of epoch 4 is intact" in _result(claimed_job)
+    supervisor._fail_for_environment(claimed_job, attempt=1)  # the supervisor's own reason
+    row = job_store.call(jobs.get_job, claimed_job)
+    assert row.status == "failed" and "the checkpoint of epoch 4 is intact" in row.error

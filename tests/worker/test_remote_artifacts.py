@@ -7,13 +7,17 @@ attempt's output once, in order. The worker's directory is never the service's."
 from __future__ import annotations
 
 import hashlib
+import socket
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from jobstore import db, jobs
+from jobstore import db, joblog, jobs
 from jobstore.settings import get_settings
 from jobstore.tables import Checkpoint, EpochMetric
 from worker import artifacts
@@ -164,3 +168,108 @@ def test_the_log_of_each_attempt_is_appended_once_in_order(client, job_id, tmp_p
     assert stored == (
         b"\n=== attempt 1 ===\nepoch 1\nepoch 2\nTraceback: killed\n\n=== attempt 2 ===\nepoch 3\n"
     )
+
+
+def test_a_stale_attempts_log_is_appended_whole_after_its_successors_never_into_it(
+    client, job_id, tmp_path
+):
+    """The job was given to box b while box a's shipper still ran: a's next chunk lands where
+    b's output already is. Before, the service took the overlap for a resend and wrote a's tail
+    from the middle of a line; now it refuses (409 `log_conflict`) and a resends at the end."""
+    box_a, box_b = tmp_path / "box-a.log", tmp_path / "box-b.log"
+    box_a.write_bytes(b"\n=== attempt 1 ===\nepoch 1\n")
+    stale = artifacts.LogShipper(job_id, box_a, 0, client, interval=60)
+    assert stale.ship()
+    box_b.write_bytes(b"\n=== attempt 2 ===\n")
+    artifacts.LogShipper(job_id, box_b, 0, client, interval=60).close(timeout=10)
+    with open(box_a, "ab") as out:
+        out.write(b"epoch 2, stopping: the job is no longer ours\n")
+    stale.close(timeout=10)
+
+    stored = (get_settings().artifact_dir / "jobs" / job_id / "trainer.log").read_bytes()
+    assert stored == (
+        b"\n=== attempt 1 ===\nepoch 1\n\n=== attempt 2 ===\n"
+        b"epoch 2, stopping: the job is no longer ours\n"
+    )
+
+
+def test_a_shipper_behind_the_local_cut_sends_the_marker_not_zeros(client, job_id, tmp_path):
+    """The supervisor bounds the local log by punching a hole (`joblog.cut_log`); a shipper that
+    had not sent that range yet read zeros there and sent them."""
+    local = tmp_path / "box-a.log"
+    local.write_bytes(b"".join(b"epoch %06d\n" % n for n in range(20_000)))  # 240 kB
+    shipper = artifacts.LogShipper(job_id, local, 0, client, interval=60)
+    assert joblog.cut_log(local, 64 * 1024) is not None
+    shipper.close(timeout=10)
+
+    stored = (get_settings().artifact_dir / "jobs" / job_id / "trainer.log").read_bytes()
+    assert b"\0" not in stored
+    assert stored.startswith(b"epoch 000000\n") and stored.endswith(b"epoch 019999\n")
+    assert b"bytes of this log were dropped here" in stored
+
+
+def test_a_hung_artifact_service_holds_the_jobs_end_a_bounded_time(job_id, tmp_path, monkeypatch):
+    """A service that accepts connections and never answers: before, `close` joined a shipping
+    thread stuck in a request with a 300 s read timeout, and the job's end (no heartbeat
+    meanwhile) waited until the reaper requeued the succeeded job."""
+    from worker import supervisor
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # connections complete in the backlog; nothing is ever read or answered
+    monkeypatch.setenv("JUMPOUT_ARTIFACT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("JUMPOUT_WORKER_SECRET", SECRET)
+    get_settings.cache_clear()
+    monkeypatch.setattr(artifacts, "LOG_REQUEST_TIMEOUT_S", 0.5, raising=False)
+    local = tmp_path / "box-a.log"
+    local.write_bytes(b"\n=== attempt 1 ===\nepoch 1\n")
+    try:
+        shipper = supervisor._log_shipper(job_id, local, 0)
+        time.sleep(1.2)  # the thread is in its first request
+        closing = threading.Thread(target=shipper.close, kwargs={"timeout": 1.0}, daemon=True)
+        started = time.monotonic()
+        closing.start()
+        closing.join(10)
+        assert not closing.is_alive(), "close() still waiting on the hung service"
+        assert time.monotonic() - started < 4.0
+    finally:
+        listener.close()
+
+
+def test_two_downloads_of_one_checkpoint_use_their_own_temporary_files(tmp_path):
+    """Two trainers of one box fetching one checkpoint: with one fixed temporary name, the second
+    wrote into the first's file and renamed it away under it (FileNotFoundError). A failed
+    download leaves no temporary file."""
+    name = "checkpoint-epoch0001.pt"
+    data = b"weights" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    destination = tmp_path / "box" / name
+    broken: list[bool] = []
+
+    def body():
+        if not nested_done:
+            nested_done.append(True)  # meanwhile, another trainer fetches the same file
+            client.download_checkpoint("j", name, destination, sha256=digest)
+        if broken:
+            yield data[:100]
+            raise httpx.ReadError("connection reset")
+        yield data
+
+    nested_done: list[bool] = []
+    http = httpx.Client(
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, content=body())),
+        base_url="http://artifacts",
+    )
+    client = artifacts.ArtifactClient(secret=SECRET, http=http, retry_s=0)
+    assert client.download_checkpoint("j", name, destination, sha256=digest) == destination
+    assert destination.read_bytes() == data
+    assert [p.name for p in destination.parent.iterdir()] == [name]
+
+    broken.append(True)
+    destination.unlink()
+    with pytest.raises(artifacts.ArtifactError, match="connection reset"):
+        client.download_checkpoint("j", name, destination, sha256=digest)
+    broken.clear()
+    with pytest.raises(artifacts.DownloadMismatch):
+        client.download_checkpoint("j", name, destination, sha256="0" * 64)
+    assert list(destination.parent.iterdir()) == []
