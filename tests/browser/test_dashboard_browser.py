@@ -52,7 +52,17 @@ def bearer(token: str) -> dict[str, str]:
 def wait_until(predicate, *, timeout: float = 30.0, interval: float = 0.2, what: str = ""):
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
+
+        try:
+            value = predicate()
+        except (StaleElementReferenceException, NoSuchElementException):
+            # The list re-renders its rows on every refresh: an element found a moment ago may
+            # be gone; look again.
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
