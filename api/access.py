@@ -8,7 +8,7 @@
   that does not exist, so a token learns nothing of others' jobs, and lists hold its own only.
 
 Experiments are their owner's and the admins' in both scopes (`jobstore.experiments.visible_to`,
-which these functions apply): an experiment is a person's question, its report their answer.
+which the experiment reads apply): an experiment is a person's question, its report their answer.
 
 Under `team` the job checks cost nothing (no query); under `owner` a route that does not read the
 job's row anyway pays one primary-key lookup of the owner. tests/api/test_read_scope.py calls
@@ -23,13 +23,11 @@ from typing import Any
 from sqlalchemy import bindparam, select
 
 from jobstore.errors import JobNotFound
-from jobstore.experiments import ExperimentNotFound, visible_to
 from jobstore.jobs import is_job_id
 from jobstore.settings import get_settings
-from jobstore.tables import Experiment, Job
+from jobstore.tables import Job
 
 _JOB_OWNER = select(Job.owner_id).where(Job.id == bindparam("job_id"))
-_EXPERIMENT_OWNER = select(Experiment.owner_id).where(Experiment.id == bindparam("experiment_id"))
 
 
 def confined(principal: Any) -> bool:
@@ -66,17 +64,3 @@ def job_filter(principal: Any) -> Any | None:
     if not confined(principal):
         return None
     return Job.owner_id.is_(None) if principal.id is None else Job.owner_id == principal.id
-
-
-def check_experiment(executor: Any, principal: Any, experiment_id: str) -> None:
-    """`ExperimentNotFound` unless `principal` may read the experiment (its owner or an admin, in
-    both scopes). `executor`: a Connection or Session."""
-    if not is_job_id(experiment_id):  # experiment ids are uuid4 hex, as job ids
-        raise ExperimentNotFound(experiment_id[:64])
-    row = executor.execute(_EXPERIMENT_OWNER, {"experiment_id": experiment_id}).first()
-    if row is None or not visible_to(row, principal):
-        raise ExperimentNotFound(experiment_id)
-
-
-may_read_experiment = visible_to
-"""Whether `principal` may read an experiment row (anything with `owner_id`)."""

@@ -149,7 +149,6 @@ class JobChannel:
         self.job_id = job_id
         self.watchers: set[Watcher] = set()
         self.state: JobState | None = None
-        self.reads = 0  # database reads, for the tests and the benchmark
         self._lock = asyncio.Lock()
         self._dirty = False
         self._recheck: asyncio.Task | None = None
@@ -176,7 +175,6 @@ class JobChannel:
         asyncio.create_task(_refresh_quietly(self))
 
     def _read(self, connection, after: int):
-        self.reads += 1
         row = connection.execute(queries._JOB_BY_ID, {"job_id": self.job_id}).first()
         if row is None:
             raise JobNotFound(self.job_id)

@@ -6,13 +6,11 @@ refusals point an operator to, for the data sets that cannot be fetched."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import run_cli  # the one helper that runs `python -m jumpout` as a process
 
 from jumpout.cli import main
 from jumpout.spec import ABLATIONS
@@ -20,18 +18,6 @@ from jumpout.spec import ABLATIONS
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--architecture", "mlp", "--epochs", "1", "--train-size", "64"]
 TINY += ["--test-size", "64", "--device", "cpu"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "jumpout", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=180,
-    )
 
 
 def test_ablation_help_lists_the_row_names_under_the_option_that_takes_them():
