@@ -151,7 +151,8 @@ def flip_byte(path: Path, offset: int = 200) -> None:
 
 @pytest.mark.slow
 def test_trainer_sigkill_resumes_and_gives_the_same_weights_as_an_uninterrupted_run(stack):
-    spec = {"dataset": "digits", "architecture": "mlp", "epochs": 8, "seed": 1234}
+    # 40 epochs (about 0.06 s each): the trainer must still be there when the poll sees epoch 3.
+    spec = {"dataset": "digits", "architecture": "mlp", "epochs": 40, "seed": 1234}
     job = stack.submit(**spec)
     stack.wait_running(job["id"], 3)
     kill_trainer(stack, job["id"])  # epoch 3 has ended: the trainer is inside epoch 4
@@ -191,7 +192,7 @@ def test_trainer_sigkill_resumes_and_gives_the_same_weights_as_an_uninterrupted_
 
 @pytest.mark.slow
 def test_worker_sigkill_is_reaped_resumed_and_a_late_redelivery_is_a_no_op(stack):
-    spec = {**QUICK, "epochs": 12, "train_size": 1024}
+    spec = {**QUICK, "epochs": 60, "train_size": 1024}  # still running at the kill
     job = stack.submit(**spec)
     stack.wait_running(job["id"], 1)
     stack.processes.pop("worker").kill()  # Celery parent, pool process: SIGKILL to the group
@@ -241,21 +242,29 @@ def restart_redis(redis, kit) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["restart", "flushall"])
 def test_redis_loss_forgets_no_queued_job_and_running_jobs_finish(stack, service_kit, how):
-    running = stack.submit(**{**QUICK, "epochs": 10, "train_size": 1024})
+    # About 10 s of epochs on the 2-core VM (an epoch of 1024 digits takes about 0.06 s): the
+    # job must still be running when Redis goes (a CI run's 10 epochs had finished by then, and
+    # the free worker had taken a message).
+    running = stack.submit(**{**QUICK, "epochs": 150, "train_size": 1024})
     stack.wait_running(running["id"], 1)
     queued = [stack.submit(**TINY) for _ in range(3)]
-    # Wake-up messages, at most dispatch_depth (2), not one per job (jobstore.queue).
-    assert stack.redis.client().llen(QUEUE) == 2
+    # Wake-up messages, at most dispatch_depth (2), not one per job (jobstore.queue). The API
+    # publishes after sending each 201: wait for two, then give the third time to be refused.
+    broker = stack.redis.client()
+    wait_until(lambda: broker.llen(QUEUE) == 2, timeout=15, what="two dispatch messages")
+    time.sleep(0.5)
+    assert broker.llen(QUEUE) == 2
     if how == "restart":
         restart_redis(stack.redis, service_kit)
     else:
         stack.redis.client().flushall()
     assert stack.redis.client().llen(QUEUE) == 0  # the broker forgot them
+    assert stack.job(running["id"])["status"] == "running"  # lost under a running job
     lost = time.monotonic()
     done = stack.wait_finished(running["id"], timeout=120)
     assert done["status"] == "succeeded", stack.diagnostics(running["id"])
     assert done["attempt"] == 1
-    assert stack.epochs(running["id"]) == list(range(1, 11))
+    assert stack.epochs(running["id"]) == list(range(1, 151))
     for job in queued:
         finished = stack.wait_finished(job["id"], timeout=120)
         assert finished["status"] == "succeeded", stack.diagnostics(job["id"])
@@ -268,7 +277,7 @@ def test_redis_loss_forgets_no_queued_job_and_running_jobs_finish(stack, service
 
 
 def test_api_restart_does_not_touch_running_jobs(stack):
-    job = stack.submit(**{**QUICK, "epochs": 8, "train_size": 1024})
+    job = stack.submit(**{**QUICK, "epochs": 100, "train_size": 1024})  # outlives the restart
     stack.wait_running(job["id"], 1)
     stopped = time.monotonic()
     stack.stop("api")
@@ -280,7 +289,7 @@ def test_api_restart_does_not_touch_running_jobs(stack):
     done = stack.wait_finished(job["id"], timeout=120)
     assert done["status"] == "succeeded", stack.diagnostics(job["id"])
     assert done["attempt"] == 1
-    assert stack.epochs(job["id"]) == list(range(1, 9))
+    assert stack.epochs(job["id"]) == list(range(1, 101))
 
 
 # --- 5. the database briefly unavailable (PostgreSQL) -----------------------------------------
@@ -302,7 +311,7 @@ def test_database_outage_retries_metric_writes_and_the_job_finishes(service_kit,
         url = cleanup.enter_context(service_kit.postgres_database())
         # A heartbeat timeout well above the outage: this test is about writes, not reaping.
         stack = make_stack(service_kit, tmp_path, url, cleanup, JUMPOUT_HEARTBEAT_TIMEOUT="30")
-        epochs = 12
+        epochs = 100  # about 6 s of training: epochs end during the outage
         job = stack.submit(**{**QUICK, "epochs": epochs, "train_size": 1024})
         stack.wait_running(job["id"], 2)
         started = time.monotonic()

@@ -64,7 +64,8 @@ def stack(tmp_path_factory):
 
 @pytest.mark.slow  # a kill and a retry of two spawned ranks: over a minute on the 2-core VM
 def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(stack):
-    job = stack.submit(dataset="digits", architecture="mlp", epochs=8, devices=2)
+    # 16 epochs: the ranks must still be there when the poll sees epoch 2.
+    job = stack.submit(dataset="digits", architecture="mlp", epochs=16, devices=2)
     assert job["spec"]["devices"] == 2
     attempt = stack.wait_running(job["id"], epoch=2, timeout=180)["attempt"]
     ranks = _wait_for_ranks(stack, job["id"])
@@ -75,7 +76,7 @@ def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(stack):
     assert done["status"] == "succeeded", stack.diagnostics(job["id"])
     assert done["attempt"] == attempt + 1
     assert done["device"].startswith("2 x cpu")
-    assert stack.epochs(job["id"]) == list(range(1, 9))  # resumed: no epoch twice
+    assert stack.epochs(job["id"]) == list(range(1, 17))  # resumed: no epoch twice
     log = stack.client.get(f"/v1/jobs/{job['id']}/log").text
     assert "resuming job" in log and "launching 2 ranks" in log
     # Checkpoints were written once per epoch, by rank 0 alone, and the last is downloadable.
