@@ -259,17 +259,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _prepare_data(config: TrainConfig, download: bool) -> None:
-    """Fail early (and fetch, if asked) before a model is built."""
-    from jumpout.data import load_dataset
+    """Fail early (and fetch, if asked) before a model is built: the same files the training
+    reads (on SVHN, the extra split too when svhn_extra is on)."""
+    from jumpout.engine import load_config_dataset
 
-    load_dataset(
-        config.dataset,
-        config.data_dir or ".",
-        download=download,
-        augment=False,
-        train_size=config.train_size,
-        test_size=config.test_size,
-    )
+    load_config_dataset(config, augment=False, download=download)
 
 
 def _train_rank(argv: list[str]) -> None:

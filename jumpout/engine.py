@@ -704,35 +704,40 @@ def _keep_data_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def load_config_dataset(config: TrainConfig, *, augment: bool, download: bool = False):
+    """The (train, test, info) of `config`'s dataset, as `jumpout.data.load_dataset` gives them:
+    its sizes, and on SVHN its extra split (the paper's train + extra; the spec refuses
+    svhn_extra on any other dataset)."""
+    from jumpout.data import load_dataset
+
+    return load_dataset(
+        config.dataset,
+        config.data_dir or ".",
+        download=download,
+        augment=augment,
+        train_size=config.train_size,
+        test_size=config.test_size,
+        **({"extra": config.svhn_extra} if config.dataset == "svhn" else {}),
+    )
+
+
 def _load_data(config: TrainConfig, device: torch.device) -> _Data:
     from torch.utils.data import Subset
 
-    from jumpout.data import dataset_info, load_dataset, without_augmentation
+    from jumpout.data import dataset_info, without_augmentation
 
     policy = dataset_info(config.dataset).augmentation
     resident = _keep_data_on_device(device) and policy.batchable
 
-    def load(augment: bool):
-        return load_dataset(
-            config.dataset,
-            config.data_dir or ".",
-            download=False,
-            augment=augment,
-            train_size=config.train_size,
-            test_size=config.test_size,
-            # SVHN's extra split (the paper's train + extra); the spec refuses it elsewhere.
-            **({"extra": config.svhn_extra} if config.dataset == "svhn" else {}),
-        )
-
     # On the device path the augmentation runs on the GPU, so load plain tensors.
-    train_set, test_set, info = load(config.augment and not resident)
+    train_set, test_set, info = load_config_dataset(config, augment=config.augment and not resident)
     if resident:
         size = (len(train_set) + len(test_set)) * train_set[0][0].numel() * 4
         if size > _DEVICE_RESIDENT_MAX_BYTES:
             # Too large for the device: the loader path, whose transforms augment.
             resident = False
             if config.augment:
-                train_set, test_set, info = load(True)
+                train_set, test_set, info = load_config_dataset(config, augment=True)
     data = _Data(train_set, test_set, info)
     if config.val_fraction > 0:
         data.split = _validation_split(train_set, config.val_fraction, config.seed)

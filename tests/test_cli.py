@@ -118,3 +118,19 @@ def test_demo_reports_no_test_selected_figure(capsys):
     assert main(["demo", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "| method  | final test acc % |" in out and "best" not in out
+
+
+def test_svhn_without_its_extra_file_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    # svhn_extra is on by default (the paper's train + extra): the early check reads extra too,
+    # so a missing extra_32x32.mat is an exit 2 naming it, not a crash after the model is built.
+    from test_datasets import svhn_images, write_svhn
+
+    splits = {"train": (svhn_images([10, 20]), [1, 2]), "test": (svhn_images([30, 40]), [3, 4])}
+    write_svhn(tmp_path / "svhn", splits, monkeypatch)
+    argv = ["train", "--dataset", "svhn", "--arch", "mlp", "--data-dir", str(tmp_path)]
+    built = []
+    monkeypatch.setattr("jumpout.engine.fit", lambda *a, **k: built.append(a))
+    assert main([*argv, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "extra_32x32.mat" in err and "svhn_extra=false" in err
+    assert "Traceback" not in err and built == []
