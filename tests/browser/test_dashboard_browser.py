@@ -15,6 +15,7 @@ A screenshot of each page is saved to docs/screenshots/ (the README and docs/ sh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
 JOB_ID = re.compile(r"#/jobs/([0-9a-f]{32})$")
 # The job submitted through the form: enough epochs to be seen growing on its page.
-WATCHED_EPOCHS = 30
+WATCHED_EPOCHS = 150  # several samples (0.25 s apart) while it trains, on a fast machine too
 SMALL = {"dataset": "digits", "architecture": "mlp", "train_size": 300, "test_size": 200}
 FINAL = ("succeeded", "failed", "cancelled")
 PAINT_BUDGET_MS = 1000
@@ -376,6 +377,18 @@ def test_the_experiment_page_draws_the_report(browser, stack, tokens, experiment
         return chart.getDatasetMeta(1).data.map((p) => p.x >= area.left && p.x <= area.right
             && p.y >= area.top && p.y <= area.bottom);""")  # fmt: skip
     assert placed == [True] * len(rows), placed
+    # ... and seen: the pixel at each mean is the marker's dark blue, not the CI bar drawn over it
+    # (in dataset order Chart.js drew the bar last and hid every mean inside its interval).
+    mean_pixels = """
+        const chart = Chart.getChart(document.querySelector('#ci-chart canvas'));
+        const scale = chart.currentDevicePixelRatio;
+        return chart.getDatasetMeta(1).data.map((p) => Array.from(chart.ctx.getImageData(
+            Math.round(p.x * scale), Math.round(p.y * scale), 1, 1).data.slice(0, 3)));"""
+    dark_blue = [[0x1E, 0x3A, 0x8A]] * len(rows)
+    # Polled: the chart animates in for a moment after it is built.
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: js(browser, mean_pixels) == dark_blue, timeout=5, what="the means")
+    assert js(browser, mean_pixels) == dark_blue
     screenshot(browser, screenshots / "experiment.png")
     assert console_errors(browser) == []
 

@@ -5,7 +5,7 @@
 // Re-read every few seconds until every job has finished.
 
 import { getJSON, postJSON, query } from "../api.js";
-import { color, destroyAll } from "../charts.js";
+import { destroyAll } from "../charts.js";
 import {
   FINAL, clear, confirmButton, duration, every, errorBox, h, number, percent, progressBar, shortId,
   statusBadge, when,
@@ -122,17 +122,20 @@ function ciChart(canvas, rows, scale) {
     data: {
       labels,
       datasets: [
-        { type: "bar", label: "95% CI of the mean", data: rows.map((row) => row.ci95 ?? null), backgroundColor: "#93c5fd", barPercentage: 0.5 },
+        // `order`: Chart.js draws the lowest order last, so the markers sit on top of the CI bar
+        // that contains them (in dataset order the bar was drawn over the mean and hid it).
+        { type: "bar", label: "95% CI of the mean", data: rows.map((row) => row.ci95 ?? null), backgroundColor: "#93c5fd", barPercentage: 0.5, order: 2 },
         // Points as {x, y: row label}: a line dataset in a horizontal chart needs its own
         // indexAxis, and objects, to be placed on the rows.
-        { type: "line", indexAxis: "y", label: "mean", data: points(rows, (row) => row.mean), showLine: false, pointRadius: 5, pointStyle: "rectRot", borderColor: color(0), backgroundColor: color(0) },
-        { type: "line", indexAxis: "y", label: "paper", data: points(rows, (row) => row.paper), showLine: false, pointRadius: 7, pointStyle: "crossRot", borderColor: "#dc2626", borderWidth: 2 },
+        { type: "line", indexAxis: "y", label: "mean", data: points(rows, (row) => row.mean), showLine: false, pointRadius: 7, pointStyle: "rectRot", borderColor: "#ffffff", borderWidth: 1.5, backgroundColor: "#1e3a8a", order: 1 },
+        { type: "line", indexAxis: "y", label: "paper", data: points(rows, (row) => row.paper), showLine: false, pointRadius: 8, pointStyle: "crossRot", borderColor: "#dc2626", borderWidth: 3, order: 0 },
       ],
     },
     options: {
       indexAxis: "y",
       scales: { x: { min: scale.low, max: scale.high, title: { display: true, text: "final test accuracy (%)" } } },
-      plugins: { legend: { position: "bottom" } },
+      // reverse: the legend follows `order`; read it in dataset order (CI, mean, paper).
+      plugins: { legend: { position: "bottom", reverse: true } },
     },
   });
 }
