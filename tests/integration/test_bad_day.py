@@ -141,7 +141,9 @@ def test_a_full_disk_under_the_database_answers_507_and_health_says_degraded(bad
 
 def test_a_full_disk_while_checkpointing_fails_once_and_the_job_resumes_after_a_retry(bad_day):
     stack = bad_day.stack
-    epochs = 12
+    # About 0.03 s an epoch: 200 leave seconds of training when the disk is filled (with 12 the
+    # job could finish between seeing epoch 2 and the fill).
+    epochs = 200
     job = stack.submit(dataset="digits", architecture="mlp", epochs=epochs, train_size=256)
     job_id = job["id"]
 

@@ -69,10 +69,10 @@ def test_submit_then_watch_to_success_exits_0(stack, env, quick_job):
     job = stack.job(quick_job)
     assert job["status"] == "succeeded"
     assert f"{100 * job['result']['final_accuracy']:.2f}%" in watched.stderr
-    # Each epoch printed once.
-    assert [line.split()[1] for line in watched.stderr.splitlines() if line.startswith("epoch ")][
-        -2:
-    ] == ["1/2", "2/2"]
+    # Each epoch printed at most once (epochs already done when watch connects come quietly
+    # with the snapshot: this 2-epoch job may be over by then).
+    printed = [line.split()[1] for line in watched.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(printed) == len(set(printed)) and set(printed) <= {"1/2", "2/2"}, printed
 
 
 def test_ls_and_show(stack, env, quick_job):

@@ -106,6 +106,10 @@ def test_cancel_queued_and_running_jobs(stack):
     assert time.monotonic() - asked < 15
     assert done["progress"]["epoch"] < LONG["epochs"]
     assert stack.client.get(f"/v1/jobs/{running['id']}/checkpoints").json()["items"]
+    # The trainer reports its end just before it exits: give the exit a moment.
+    deadline = time.monotonic() + 10
+    while stack.trainer_pids(running["id"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert stack.trainer_pids(running["id"]) == []
 
     # The cancelled queued job's message is consumed without running it.

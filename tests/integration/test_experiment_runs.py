@@ -95,7 +95,8 @@ def fault_stack(service_kit, tmp_path_factory):
 @pytest.mark.slow
 def test_a_worker_killed_mid_experiment_loses_nothing_and_runs_no_job_twice(fault_stack):
     stack = fault_stack
-    spec = {**TINY, "epochs": 6, "train_size": 1024, "test_size": 256}
+    # 60 epochs (about 0.06 s each): the victim still has seconds of work when it is killed.
+    spec = {**TINY, "epochs": 60, "train_size": 1024, "test_size": 256}
     created = submit_experiment(stack, base=spec, rows=[{"label": "a"}, {"label": "b"}], seeds=2)
     ids = [job["id"] for job in created["jobs"]]
     # The first job in the middle of its run: an epoch done, more to come.

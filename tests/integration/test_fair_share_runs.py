@@ -59,19 +59,24 @@ def assert_fair(stack, backlog: list[str], single: str, users) -> dict:
         for job in alices
         if job["started_at"] is not None and submitted < when(job["started_at"]) < started
     ]
+    # How many of alice's jobs ran, by now (the worker goes on with them after bob's): for the
+    # message only, the timestamps above are what is asserted.
     ran = sum(job["started_at"] is not None for job in alices)
     detail = f"{len(completions)} completions, {len(starts)} starts, {ran} of alice's ran"
     assert len(completions) <= 2, detail + "\n" + stack.diagnostics(single)
     # The worker may have been claiming alice's next job at the instant bob submitted; no more.
     assert len(starts) <= 1, detail
-    assert ran <= 4, detail  # not the backlog
     print(f"\nFAIR SHARE: bob's job started after {detail}")
     return bob
 
 
 def test_a_colleagues_job_starts_within_two_completions_of_a_50_job_backlog(stack, users):
     alice, bob = users["alice"], users["bob"]
-    backlog = [stack.submit(headers=alice, **TINY)["id"] for _ in range(BACKLOG)]
+    # The first holds the only worker for seconds, so that the backlog is still there, all of
+    # it, when bob submits (49 tiny jobs could run while 50 submissions are made).
+    first = {**TINY, "epochs": 100, "train_size": 1024}
+    backlog = [stack.submit(headers=alice, **first)["id"]]
+    backlog += [stack.submit(headers=alice, **TINY)["id"] for _ in range(BACKLOG - 1)]
     # The only worker is busy with alice's first job: the other 49 wait.
     wait_started(stack, backlog[0], alice)
     # The broker holds wake-up messages, not the 50 jobs.

@@ -343,7 +343,7 @@ def test_database_outage_retries_metric_writes_and_the_job_finishes(service_kit,
 def test_corrupted_newest_checkpoint_is_refused_and_resume_uses_the_previous_one(stack):
     # Enough epochs to be caught running at epoch 3 by a poll every 0.2 s: eight epochs of 1024
     # images took 0.4 s from a forked trainer.
-    epochs = 30
+    epochs = 100
     job = stack.submit(**{**QUICK, "epochs": epochs, "train_size": 1024})
     stack.wait_running(job["id"], 3)
     pids = stack.trainer_pids(job["id"])

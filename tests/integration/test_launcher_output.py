@@ -78,7 +78,14 @@ def test_make_run_is_quiet_says_ready_only_once_healthy_and_says_stopped(tmp_pat
         assert client.get("/v1/health").status_code == 200
         assert any(not ok for _, ok in polls), "the API was up before the launcher: weak test"
 
-        time.sleep(1.0)  # let the worker finish its start-up output (it must not reach stdout)
+        # Let the worker finish its start-up output (it must not reach stdout): its banner is
+        # in its log once it has started.
+        worker_log = home / "logs" / "worker.log"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            worker_log.exists() and "[tasks]" in worker_log.read_text()
+        ):
+            time.sleep(0.2)
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(timeout=30) == 0
         reader.join(timeout=5)

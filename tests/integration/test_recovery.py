@@ -59,7 +59,7 @@ def test_missing_dataset_fails_once_with_a_readable_reason(stack):
 
 def test_trainer_crash_is_retried_and_resumes_from_the_checkpoint(stack):
     # Long enough to be caught running: six epochs of digits took 0.4 s from a forked trainer.
-    spec = {**LONG, "epochs": 60}
+    spec = {**LONG, "epochs": 150}
     job = stack.submit(**spec)
     stack.wait_running(job["id"], 2)
     for pid in stack.trainer_pids(job["id"]):
