@@ -16,6 +16,8 @@ has its worker container restarted mid-run and resumes from its checkpoint; `doc
 and `up -d` again, and both jobs are still listed and their checkpoints still served (named
 volumes kept). It also checks that only the API publishes a port, on 127.0.0.1, and that the API
 image holds no torch, and prints the images' sizes and the stack's start times (docs/benchmarks.md).
+Last, the README's monitoring block: a token for Prometheus, `--profile monitoring up -d`, and
+Prometheus has scraped the API's /metrics with it.
 """
 
 from __future__ import annotations
@@ -221,7 +223,10 @@ def deployment(tmp_path_factory):
         # The test's own project only: its containers, network and volumes.
         with contextlib.suppress(Exception):
             deployment.env.setdefault("COMPOSE_PROJECT_NAME", project)
-            deployment.compose("down", "--volumes", "--remove-orphans", timeout=300)
+            # The profile named, or Compose leaves its container (and the network) behind.
+            deployment.compose(
+                "--profile", "monitoring", "down", "--volumes", "--remove-orphans", timeout=300
+            )  # fmt: skip
 
 
 def test_the_readme_deployment_trains_resumes_and_keeps_its_jobs(deployment):
@@ -257,12 +262,13 @@ def test_the_readme_deployment_trains_resumes_and_keeps_its_jobs(deployment):
 
     # 2. The worker container restarted mid-job: the trainer checkpoints on SIGTERM, the job is
     # requeued and resumes from that checkpoint in the new container.
-    long = d.submit(dataset="digits", architecture="mlp", method="jumpout", epochs=150)
+    # 600 epochs: still running when `docker compose restart` reaches the worker.
+    long = d.submit(dataset="digits", architecture="mlp", method="jumpout", epochs=600)
     d.wait_for(long["id"], lambda j: j["status"] == "running" and j["progress"]["epoch"] >= 2)
     d.compose("restart", "worker-cpu", timeout=300)
     finished = d.wait_for(long["id"], lambda j: j["finished_at"] is not None, timeout=600)
     assert finished["status"] == "succeeded", d.diagnostics(long["id"])
-    assert d.epochs(long["id"]) == list(range(1, 151))
+    assert d.epochs(long["id"]) == list(range(1, 601))
     trainer_log = d.get(f"/v1/jobs/{long['id']}/log").text
     assert "resuming" in trainer_log, trainer_log[-3000:]
 
@@ -306,3 +312,126 @@ def test_the_readme_deployment_trains_resumes_and_keeps_its_jobs(deployment):
         f" README commands (prepare, build, up, token) {d.timings['readme_commands_s']:.0f} s;"
         f" down then up, volumes kept, to healthy {restart_s:.1f} s"
     )
+
+
+def test_the_monitoring_profile_scrapes_the_api_with_its_own_token(deployment):
+    """The README's monitoring block as written: a token for Prometheus, the profile up; then
+    Prometheus (the local stand-in of `prom/prometheus` on a machine without a registry) has
+    scraped the API's /metrics on the compose network with that token."""
+    d = deployment
+    d.wait_healthy()
+    prometheus_port = free_port()
+    env = {**d.env, "JUMPOUT_PROMETHEUS_PORT": str(prometheus_port)}
+    block = block_with(readme_blocks(), "--profile monitoring")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", d.prelude + block], cwd=d.root, env=env,
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    prometheus = f"http://127.0.0.1:{prometheus_port}/api/v1"
+
+    def scraped() -> dict | None:
+        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError):
+            targets = httpx.get(f"{prometheus}/targets", timeout=5).json()["data"]
+            target = targets["activeTargets"][0]
+            if target["health"] == "up":
+                return target
+        return None
+
+    deadline = time.monotonic() + 120  # scrape_interval 15 s (deploy/prometheus.yml)
+    while not (target := scraped()) and time.monotonic() < deadline:
+        time.sleep(2)
+    last = httpx.get(f"{prometheus}/targets", timeout=5).text if not target else ""
+    assert target, f"the API was never scraped: {last[-2000:]}\n{d.logs()}"
+    assert target["labels"]["job"] == "jumpout-api" and target["scrapeUrl"].endswith("/metrics")
+    # What it scraped: the service's own series, the broker's and the database's state among them.
+    query = httpx.get(f"{prometheus}/query", params={"query": "jumpout_database_up"}, timeout=10)
+    results = query.json()["data"]["result"]
+    assert [r["value"][1] for r in results] == ["1"], query.text
+    jobs = httpx.get(f"{prometheus}/query", params={"query": "jumpout_jobs"}, timeout=10).json()
+    assert jobs["data"]["result"], jobs
+    # Without a token /metrics is refused: Prometheus got in with its own.
+    assert httpx.get(d.base_url + "/metrics", timeout=10).status_code == 401
+
+
+def this_machines_address() -> str | None:
+    """An IPv4 address of this machine that its containers can reach (the default route's
+    source), standing in for the API box's private address; None on a machine with no route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.connect(("192.0.2.254", 9))  # no packet is sent: the route's source is read
+        address = sock.getsockname()[0]
+        return None if address.startswith("127.") else address
+    return None
+
+
+def test_a_second_box_joins_with_urls_and_its_checkpoints_reach_the_api(deployment, tmp_path):
+    """The README's "second GPU box joins" block, both boxes on this machine: the API's box is the
+    deployment (its CPU worker stopped, so that only the second box can take the job), the second
+    box another copy of the tree with its own compose project, volumes and .env (no filesystem
+    shared), this machine's address as the private one. The CPU overrides replace the GPU
+    workers (README); otherwise the block's commands run as written."""
+    d = deployment
+    address = this_machines_address()
+    if address is None:
+        pytest.skip("no IPv4 address besides loopback for the boxes to meet on")
+    block = block_with(readme_blocks(), "docker-compose.remote-workers.yml up -d")
+    api_box, _, second_box = block.partition("# on the second box")
+    api_box = api_box.replace("10.0.0.1", address).replace(
+        "-f docker-compose.yml -f docker-compose.remote-workers.yml",
+        "-f docker-compose.yml -f docker-compose.cpu.yml -f docker-compose.remote-workers.yml",
+    )
+    second_box = second_box.partition("\n")[2].replace("10.0.0.1", address)
+    second_box = second_box.replace(
+        "-f docker-compose.worker.yml",
+        "-f docker-compose.worker.yml -f docker-compose.worker-cpu.yml",
+    )
+    assert "docker-compose.worker-cpu.yml up -d --build" in second_box, second_box
+
+    def run(script: str, cwd: Path, env: dict[str, str]) -> None:
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", d.prelude + script], cwd=cwd, env=env,
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{script}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    run(api_box, d.root, {k: v for k, v in d.env.items() if k != "COMPOSE_FILE"})
+    box2 = tmp_path / "box2"
+    box2.mkdir()
+    copy_working_tree(box2)
+    # "the same POSTGRES_PASSWORD, REDIS_PASSWORD and JUMPOUT_WORKER_SECRET": the only lines shared.
+    shared = [
+        line
+        for line in (d.root / ".env").read_text().splitlines()
+        if line.startswith(("POSTGRES_PASSWORD=", "REDIS_PASSWORD=", "JUMPOUT_WORKER_SECRET="))
+    ]
+    assert len(shared) == 3, shared
+    (box2 / ".env").write_text("\n".join(shared) + "\n")
+    box2_env = {
+        **{k: v for k, v in d.env.items() if k != "COMPOSE_FILE"},
+        "COMPOSE_PROJECT_NAME": d.env["COMPOSE_PROJECT_NAME"] + "box2",
+    }
+    second = Deployment(box2, box2_env, 0)
+    # The first test ended on new volumes (a cold start): its token went with the old database.
+    token = d.compose(
+        "exec", "-T", "api", "python", "-m", "api", "token", "create", "--name", "carol"
+    )
+    d.headers = {"Authorization": f"Bearer {token.strip().splitlines()[-1]}"}
+    try:
+        d.compose("stop", "worker-cpu", timeout=300)
+        run(second_box, box2, box2_env)
+        d.wait_healthy()  # a worker again: the second box's
+        job = d.submit(dataset="digits", architecture="mlp", method="jumpout", epochs=3)
+        done = d.wait_for(job["id"], lambda j: j["finished_at"] is not None)
+        assert done["status"] == "succeeded", d.diagnostics(job["id"]) + second.logs()
+        assert done["worker"] == "box2", done["worker"]
+        assert d.epochs(job["id"]) == [1, 2, 3]
+        # Written on the second box, shipped to the artifact service, served by the API.
+        d.checkpoint_is_served_intact(job["id"])
+        log = d.get(f"/v1/jobs/{job['id']}/log")
+        assert log.headers["X-Log-Complete"] == "true" and "epoch 3" in log.text, log.text
+    finally:
+        with contextlib.suppress(Exception):
+            second.compose(
+                "-f", "docker-compose.worker.yml", "-f", "docker-compose.worker-cpu.yml",
+                "down", "--volumes", timeout=300,
+            )  # fmt: skip
