@@ -1,8 +1,9 @@
 """Notifications that a job changed, on Redis pub/sub, for the API's event streams.
 
 The database stays the source of truth: a writer (the trainer after storing epochs, the
-supervisor after a claim or the job's end, the reaper after a requeue, the API after a cancel)
-commits first and then publishes a small message on ``jumpout:job:<id>``; the API
+supervisor after a claim or the job's end, the reaper after a requeue, the API after a cancel of
+a job or of an experiment) commits first and then publishes a small message on
+``jumpout:job:<id>``; the API
 (`api.events`) reads what is new from the database when it hears one, and re-reads on its own
 every ``events_recheck_s``, so a lost message only delays an event. Progress within an epoch is
 not stored: its message carries the payload.

@@ -417,12 +417,13 @@ def experiments_page(
 # --- cancelling ------------------------------------------------------------------------------
 
 
-def request_experiment_cancel(session: Session, experiment_id: str, *, principal: Any) -> None:
+def request_experiment_cancel(session: Session, experiment_id: str, *, principal: Any) -> list[str]:
     """Cancel an experiment on behalf of `principal` (owner or admin; anyone else gets
     `ExperimentNotFound`): record the request and, in the same transaction, cancel every job of
     it that has not finished (`jobstore.jobs.cancel_jobs`: queued ones at once, running ones
     flagged for their worker). Cancelling again, or a finished experiment, changes nothing more
-    and is not an error."""
+    and is not an error. Returns the ids of the jobs it cancelled or flagged (for the caller to
+    publish, after this commit, to their event streams)."""
     if not is_experiment_id(experiment_id):
         session.commit()
         raise ExperimentNotFound(experiment_id[:64])
@@ -436,20 +437,18 @@ def request_experiment_cancel(session: Session, experiment_id: str, *, principal
     # worker could otherwise claim a queued job (missed by both) or requeue a running one. A
     # claim or requeue that comes after waits for this commit and then sees the cancel. SQLite's
     # BEGIN IMMEDIATE already keeps every other writer out.
+    unfinished = select(Job.id).where(
+        Job.experiment_id == experiment_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+    )
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            select(Job.id)
-            .where(
-                Job.experiment_id == experiment_id,
-                Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-            )
-            .with_for_update()
-        )
+        unfinished = unfinished.with_for_update()
+    job_ids = list(session.execute(unfinished).scalars())
     session.execute(
         update(Experiment).where(Experiment.id == experiment_id).values(cancel_requested=True)
     )
     jobs.cancel_jobs(session, Job.experiment_id == experiment_id)
     session.commit()
+    return job_ids
 
 
 # --- reporting -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from api.idempotency import (
     replay_headers,
 )
 from api.schemas import error_responses
-from jobstore import db, experiments, queue
+from jobstore import db, events, experiments, queue
 from jobstore.idempotency import EXPERIMENTS_ROUTE, IdempotentRequest, StoredAnswer
 from jumpout.report import report_csv, report_markdown
 
@@ -189,7 +189,8 @@ async def read_experiment(experiment_id: str, credentials: BearerDep):
     responses=error_responses(401, 404, 413, 422, 507),
 )
 def cancel_experiment(experiment_id: str, session: SessionDep, principal: TokenDep):
-    experiments.request_experiment_cancel(session, experiment_id, principal=principal)
+    job_ids = experiments.request_experiment_cancel(session, experiment_id, principal=principal)
+    events.publish_changed(*job_ids)  # their event streams' `status` (cancelled, or flagged)
     content = queries.read(_experiment_body, experiment_id, principal)
     return queries.json_response(content, status.HTTP_202_ACCEPTED)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
+import time
 
 import pytest
 from scipy import stats
@@ -336,6 +338,39 @@ def test_cancel_cancels_queued_jobs_flags_running_ones_and_leaves_finished_ones(
     again = client.post(f"/v1/experiments/{body['id']}/cancel")
     assert again.status_code == 202 and again.json()["counts"]["succeeded"] == 1
     assert again.json()["counts"]["cancelled"] == 3
+
+
+def test_cancel_tells_the_event_streams_of_the_jobs_it_cancelled_or_flagged(
+    client, enqueued, session
+):
+    import redis
+
+    from jobstore import events
+    from jobstore.settings import get_settings
+
+    body = submit(client, rows=[{}], seeds=3)
+    ids = [job["id"] for job in body["jobs"]]
+    finish(session, ids[0], [0.5, 0.5, 0.5])
+    assert jobs.claim_job(session, ids[1], worker="w")
+    broker = redis.Redis.from_url(get_settings().broker_url)
+    listener = broker.pubsub(ignore_subscribe_messages=True)
+    listener.psubscribe(events.CHANNEL_PATTERN)
+    try:
+        listener.get_message(timeout=1)  # the subscription's confirmation
+        assert client.post(f"/v1/experiments/{body['id']}/cancel").status_code == 202
+        heard = []
+        deadline = time.monotonic() + 5
+        while len(heard) < 2 and time.monotonic() < deadline:
+            message = listener.get_message(timeout=0.5)
+            if message:
+                heard.append((message["channel"].decode(), json.loads(message["data"])))
+    finally:
+        listener.close()
+        broker.close()
+    # The queued one (cancelled) and the running one (flagged); not the finished one.
+    assert sorted(heard) == sorted(
+        (events.channel(job_id), {"kind": "changed"}) for job_id in ids[1:]
+    ), heard
 
 
 # --- the report --------------------------------------------------------------------------------
