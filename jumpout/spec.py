@@ -555,13 +555,19 @@ def applicable_fields(spec: Any) -> tuple[str, ...]:
     ``dropout`` its ``dropout_rate``; ``jumpout`` its ``ablation`` and, per the Table-1 row
     (`jumpout.layer.ablation_kwargs`), ``sigma``/``p_min``/``p_max`` for a random rate
     (modification I, and ``ii_base_rate="mean_of_i"``), ``dropout_rate`` for a fixed one, and
-    ``ii_base_rate`` in the rows with II but not I. ``batch_norm`` applies to ``cnn*`` only and
-    ``svhn_extra`` to ``svhn`` only. The rule is cached per combination: the API runs it for
-    every job of a list.
+    ``ii_base_rate`` in the rows with II but not I. ``batch_norm`` applies to ``cnn*`` only,
+    ``svhn_extra`` to ``svhn`` only, and ``milestones``/``gamma`` to the step schedules only
+    (``step``, ``step_momentum``; `jumpout.engine._Schedule`). The rule is cached per
+    combination: the API runs it for every job of a list.
     """
     get = spec.get if isinstance(spec, dict) else lambda name: getattr(spec, name, None)
     return _applicable(
-        get("method"), get("ablation"), get("ii_base_rate"), get("architecture"), get("dataset")
+        get("method"),
+        get("ablation"),
+        get("ii_base_rate"),
+        get("architecture"),
+        get("dataset"),
+        get("schedule"),
     )
 
 
@@ -572,6 +578,7 @@ def _applicable(
     ii_base_rate: str | None,
     architecture: str | None,
     dataset: str | None,
+    schedule: str | None = None,
 ) -> tuple[str, ...]:
     if method == Method.DROPOUT:
         used = {"dropout_rate"}
@@ -593,6 +600,8 @@ def _applicable(
         skipped |= {"batch_norm"}
     if dataset != "svhn":
         skipped |= {"svhn_extra"}
+    if schedule is not None and schedule not in (Schedule.STEP, Schedule.STEP_MOMENTUM):
+        skipped |= {"milestones", "gamma"}  # cosine and constant read neither
     return tuple(name for name in FIELDS if name not in skipped)
 
 

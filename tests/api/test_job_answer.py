@@ -59,6 +59,20 @@ def test_model_specific_fields_show_where_they_apply(client):
     assert set(applicable_fields({"dataset": "svhn", "architecture": "mlp"})) >= {"svhn_extra"}
 
 
+def test_a_step_schedules_fields_show_only_under_a_step_schedule(client):
+    mlp = {"dataset": "digits", "architecture": "mlp"}
+    step = client.post(
+        "/v1/jobs", json={**mlp, "schedule": "step", "milestones": [2], "gamma": 0.5}
+    )
+    assert (step.json()["spec"]["milestones"], step.json()["spec"]["gamma"]) == ([2], 0.5)
+    for schedule in ("cosine", "constant"):
+        other = client.post("/v1/jobs", json={**mlp, "schedule": schedule})
+        assert other.status_code == 201, other.text
+        assert not {"milestones", "gamma"} & set(other.json()["spec"]), schedule
+    fields = applicable_fields({"schedule": "step_momentum", "architecture": "mlp"})
+    assert {"milestones", "gamma"} <= set(fields)
+
+
 def test_final_accuracy_is_null_until_the_job_succeeded(client, session, make_job):
     job_id = make_job(epochs=3)
     jobs.claim_job(session, job_id, worker="w1")
