@@ -2,6 +2,9 @@
 
 Every request looks the token up by its hash, so revocation takes effect on the next request.
 Tokens are never logged.
+
+A token's scope: "full" (every route) or "metrics" (`GET /metrics` only: a scraper's token, which
+every other route refuses with 403 whatever it asks; the metrics route alone opts in).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from jobstore.errors import TokenError, Unauthorized
+from jobstore.errors import Forbidden, TokenError, Unauthorized
 from jobstore.settings import get_settings
 from jobstore.tables import ApiToken, utcnow
 
 TOKEN_PREFIX = "jo_"
+FULL_SCOPE = "full"
+METRICS_SCOPE = "metrics"
+TOKEN_SCOPES = (FULL_SCOPE, METRICS_SCOPE)
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,19 @@ def generate_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def create_token(session: Session, *, name: str, is_admin: bool = False) -> tuple[ApiToken, str]:
+def create_token(
+    session: Session, *, name: str, is_admin: bool = False, scope: str = FULL_SCOPE
+) -> tuple[ApiToken, str]:
     """Store a new token under `name`; returns the row and the plaintext (shown once)."""
     name = name.strip()
     if not name or len(name) > 64:
         raise TokenError("a token name must be 1 to 64 characters")
+    if scope not in TOKEN_SCOPES:
+        raise TokenError(f"a token's scope is one of {', '.join(TOKEN_SCOPES)}, not {scope!r}")
+    if is_admin and scope != FULL_SCOPE:
+        raise TokenError("an admin token has the full scope")
     token = generate_token()
-    row = ApiToken(name=name, token_hash=hash_token(token), is_admin=is_admin)
+    row = ApiToken(name=name, token_hash=hash_token(token), is_admin=is_admin, scope=scope)
     session.add(row)
     try:
         session.commit()
@@ -87,12 +99,15 @@ def list_tokens(session: Session) -> list[ApiToken]:
     return rows
 
 
-def principal_for(token: str | None, find: Callable[[str], Any]) -> Principal:
+def principal_for(
+    token: str | None, find: Callable[[str], Any], *, metrics_scope_ok: bool = False
+) -> Principal:
     """Who is calling, the one rule for every route: a presented token must be valid (looked up
     on every request with ``find(sha256)``, so a revocation takes effect on the next one) even
     when auth is optional; without one the caller is the anonymous owner, or `Unauthorized` when
-    `auth_required`. ``find`` returns a row with ``token_hash``, ``revoked_at``, ``id``, ``name``
-    and ``is_admin``, or None."""
+    `auth_required`. A metrics-scoped token is `Forbidden` unless the route says
+    `metrics_scope_ok` (`GET /metrics` alone). ``find`` returns a row with ``token_hash``,
+    ``revoked_at``, ``id``, ``name``, ``is_admin`` and ``scope``, or None."""
     if not token:
         if get_settings().auth_required:
             raise Unauthorized("missing API token: send 'Authorization: Bearer <token>'")
@@ -104,6 +119,8 @@ def principal_for(token: str | None, find: Callable[[str], Any]) -> Principal:
         raise Unauthorized("invalid API token")
     if row.revoked_at is not None:
         raise Unauthorized("this API token has been revoked")
+    if row.scope == METRICS_SCOPE and not metrics_scope_ok:
+        raise Forbidden("this token's scope is metrics: it may read GET /metrics only")
     return Principal(id=row.id, name=row.name, is_admin=row.is_admin)
 
 

@@ -23,9 +23,10 @@ def _token_create(args) -> int:
     from jobstore.db import session_scope
 
     with session_scope() as session:
-        row, token = create_token(session, name=args.name, is_admin=args.admin)
+        row, token = create_token(session, name=args.name, is_admin=args.admin, scope=args.scope)
     print(token)
     kind = "admin token" if row.is_admin else "token"
+    kind = "metrics-only token" if row.scope == "metrics" else kind
     print(f"created {kind} {row.name!r} (id {row.id}); it is shown only this once", file=sys.stderr)
     return 0
 
@@ -46,11 +47,11 @@ def _token_list(_args) -> int:
 
     with session_scope() as session:
         rows = list_tokens(session)
-    print(f"{'id':>4}  {'name':<24} {'admin':<5}  {'created':<25} revoked")
+    print(f"{'id':>4}  {'name':<24} {'admin':<5}  {'scope':<7}  {'created':<25} revoked")
     for row in rows:
         revoked = row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "-"
         print(
-            f"{row.id:>4}  {row.name:<24} {'yes' if row.is_admin else 'no':<5}  "
+            f"{row.id:>4}  {row.name:<24} {'yes' if row.is_admin else 'no':<5}  {row.scope:<7}  "
             f"{row.created_at.isoformat(timespec='seconds'):<25} {revoked}"
         )
     return 0
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     create = token_commands.add_parser("create", help="create a token and print it once")
     create.add_argument("--name", required=True, help="a unique name (who or what uses it)")
     create.add_argument("--admin", action="store_true", help="may cancel anyone's jobs")
+    create.add_argument(
+        "--scope",
+        choices=("full", "metrics"),
+        default="full",
+        help="full: every route (default); metrics: GET /metrics only (a scraper's token)",
+    )
     create.set_defaults(run=_token_create)
     revoke = token_commands.add_parser("revoke", help="revoke a token by name or id")
     revoke.add_argument("name_or_id")

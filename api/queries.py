@@ -82,7 +82,12 @@ _METRICS_KEY = select(
 ).where(Job.id == bindparam("job_id"))
 
 _TOKEN_BY_HASH = select(
-    ApiToken.id, ApiToken.name, ApiToken.is_admin, ApiToken.token_hash, ApiToken.revoked_at
+    ApiToken.id,
+    ApiToken.name,
+    ApiToken.is_admin,
+    ApiToken.token_hash,
+    ApiToken.revoked_at,
+    ApiToken.scope,
 ).where(ApiToken.token_hash == bindparam("digest"))
 
 
@@ -110,18 +115,23 @@ def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 # --- the caller ------------------------------------------------------------------------------
 
 
-def principal(connection: Connection, token: str | None) -> Principal:
+def principal(
+    connection: Connection, token: str | None, *, metrics_scope_ok: bool = False
+) -> Principal:
     """Who is calling (`api.auth.principal_for`), the token looked up on this connection."""
     return principal_for(
-        token, lambda digest: connection.execute(_TOKEN_BY_HASH, {"digest": digest}).first()
+        token,
+        lambda digest: connection.execute(_TOKEN_BY_HASH, {"digest": digest}).first(),
+        metrics_scope_ok=metrics_scope_ok,
     )
 
 
-def caller(token: str | None) -> Principal:
-    """`principal` on a read connection of its own; none is opened when no token is presented."""
+def caller(token: str | None, *, metrics_scope_ok: bool = False) -> Principal:
+    """`principal` on a read connection of its own; none is opened when no token is presented.
+    `metrics_scope_ok`: GET /metrics only (`api.auth`)."""
     if not token:
         return principal_for(None, lambda digest: None)
-    return read(principal, token)
+    return read(principal, token, metrics_scope_ok=metrics_scope_ok)
 
 
 # --- jobs ------------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ class ApiToken(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # "full": every route; "metrics": GET /metrics only (a scraper's; `api.auth`).
+    scope: Mapped[str] = mapped_column(String(16), default="full", server_default="full")
 
 
 class Experiment(Base):

@@ -89,6 +89,8 @@ def tokens(session):
         row, token = auth.create_token(session, name=name, is_admin=is_admin)
         created[name] = (row.id, token)
     auth.revoke_token(session, name_or_id="gone")
+    row, token = auth.create_token(session, name="scraper", scope=auth.METRICS_SCOPE)
+    created["scraper"] = (row.id, token)
     return created
 
 
@@ -145,6 +147,14 @@ def test_every_route_but_the_public_ones_needs_a_valid_token(
         assert response.headers["WWW-Authenticate"] == "Bearer"
         error = response.json()["error"]
         assert error["code"] == "unauthorized" and error["fields"] == [], reason
+    # A scraper's token (scope metrics) reads /metrics and nothing else.
+    scraped = request(client, method, path, real_ids, bearer(tokens["scraper"][1]))
+    if path == "/metrics":
+        assert scraped.status_code == 200, scraped.text
+    else:
+        assert scraped.status_code == 403, scraped.text
+        assert scraped.json()["error"]["code"] == "forbidden"
+        assert "scope is metrics" in scraped.json()["error"]["message"]
     assert enqueued == []
     if path == "/v1/jobs/{job_id}/retry":  # only a failed or cancelled job can be retried
         cancel = request(

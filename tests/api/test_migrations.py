@@ -15,7 +15,7 @@ def test_migrated_schema_matches_the_models(settings):
     with db.get_engine().connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_revision() == "0003"
+        assert context.get_current_revision() == "0004"
 
 
 def test_downgrade_to_base_and_upgrade_again(settings):

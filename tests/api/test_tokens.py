@@ -108,6 +108,24 @@ def test_token_cli_prints_the_token_once(settings, session, capsys):
     assert cli(["token", "revoke", "nobody"]) == 1
 
 
+def test_a_metrics_token_from_the_cli_reads_only_metrics(client, auth_on, settings, capsys):
+    assert cli(["token", "create", "--name", "prometheus", "--scope", "metrics"]) == 0
+    captured = capsys.readouterr()
+    token = captured.out.strip()
+    assert "metrics-only token 'prometheus'" in captured.err
+    assert client.get("/metrics", headers=bearer(token)).status_code == 200
+    refused = client.post("/v1/jobs", json=SPEC, headers=bearer(token))
+    assert refused.status_code == 403 and "GET /metrics only" in refused.json()["error"]["message"]
+    assert cli(["token", "list"]) == 0
+    (line,) = [row for row in capsys.readouterr().out.splitlines() if "prometheus" in row]
+    assert line.split()[3] == "metrics"
+    # An admin token has the full scope; an unknown scope is refused by argparse.
+    assert cli(["token", "create", "--name", "x", "--admin", "--scope", "metrics"]) == 1
+    assert "full scope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["token", "create", "--name", "y", "--scope", "read"])
+
+
 def test_migrate_cli(settings, capsys):
     assert cli(["migrate"]) == 0
     assert "newest revision" in capsys.readouterr().out
