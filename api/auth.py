@@ -119,8 +119,14 @@ def principal_for(
         raise Unauthorized("invalid API token")
     if row.revoked_at is not None:
         raise Unauthorized("this API token has been revoked")
-    if row.scope == METRICS_SCOPE and not metrics_scope_ok:
-        raise Forbidden("this token's scope is metrics: it may read GET /metrics only")
+    # Anything but the full scope is refused unless the route says otherwise (an unknown scope
+    # too: a row edited by hand, or a scope a later version adds, gets no more than metrics).
+    if row.scope != FULL_SCOPE and not (row.scope == METRICS_SCOPE and metrics_scope_ok):
+        raise Forbidden(
+            f"this token's scope is {row.scope}: it may read GET /metrics only"
+            if row.scope == METRICS_SCOPE
+            else f"this token's scope ({row.scope}) opens no route"
+        )
     return Principal(id=row.id, name=row.name, is_admin=row.is_admin)
 
 

@@ -265,7 +265,8 @@ class ErrorBody(BaseModel):
 ERROR_DESCRIPTIONS = {
     400: "The request body is not valid JSON",
     401: "Missing, invalid or revoked API token",
-    403: "The token may not do this (only the job's owner or an admin may cancel or retry it)",
+    403: "The token may not do this: only the job's owner or an admin may cancel or retry it, "
+    "and a token of scope metrics may read GET /metrics only",
     404: "No such job or checkpoint",
     409: "Conflict: the job has already finished (or, for a retry, has not failed or been "
     "cancelled), or the checkpoint file is corrupted or refused",
@@ -279,10 +280,11 @@ ERROR_DESCRIPTIONS = {
 
 
 def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` for these error statuses, all with the uniform `ErrorBody`."""
-    return {
-        code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in status_codes
-    }
+    """OpenAPI `responses=` for these error statuses, all with the uniform `ErrorBody`. A route
+    that authenticates (401) may also refuse a token's scope (403: a metrics token,
+    `api.auth`), so 401 brings 403 with it."""
+    codes = sorted({*status_codes, 403} if 401 in status_codes else set(status_codes))
+    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 class VolumeRead(BaseModel):

@@ -28,5 +28,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("api_tokens") as batch:
+    # recreate="never": SQLite (3.35+) drops the column in place. A batch rebuild would DROP the
+    # table under the engine's foreign_keys=ON, whose implicit DELETE sets every job's and
+    # experiment's owner_id to NULL (ON DELETE SET NULL).
+    with op.batch_alter_table("api_tokens", recreate="never") as batch:
         batch.drop_column("scope")

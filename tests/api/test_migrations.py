@@ -30,6 +30,30 @@ def test_downgrade_to_base_and_upgrade_again(settings):
     assert tables | {"idempotency_keys"} <= names
 
 
+def test_going_back_from_token_scopes_keeps_every_jobs_owner(settings, session, make_job):
+    # 0004's downgrade on SQLite: a rebuild of api_tokens (DROP TABLE under foreign_keys=ON)
+    # would have set every job's owner to NULL through ON DELETE SET NULL.
+    from api import auth
+
+    row, _ = auth.create_token(session, name="alice")
+    job_id = make_job(owner_id=row.id)
+    session.close()
+    db.dispose_engines()
+    command.downgrade(db.alembic_config(), "0003")
+    db.dispose_engines()
+    with db.get_engine().connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("api_tokens")}
+        owner = connection.exec_driver_sql(
+            "SELECT owner_id FROM jobs WHERE id = ?"
+            if settings.database_url.startswith("sqlite")
+            else "SELECT owner_id FROM jobs WHERE id = %s",
+            (job_id,),
+        ).scalar()
+    assert "scope" not in columns and owner == row.id
+    db.dispose_engines()
+    db.migrate()
+
+
 def test_sqlite_connections_use_wal_and_foreign_keys(settings):
     if not settings.database_url.startswith("sqlite"):
         return

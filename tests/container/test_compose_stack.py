@@ -350,8 +350,12 @@ def test_the_monitoring_profile_scrapes_the_api_with_its_own_token(deployment):
     assert [r["value"][1] for r in results] == ["1"], query.text
     jobs = httpx.get(f"{prometheus}/query", params={"query": "jumpout_jobs"}, timeout=10).json()
     assert jobs["data"]["result"], jobs
-    # Without a token /metrics is refused: Prometheus got in with its own.
+    # Without a token /metrics is refused: Prometheus got in with its own, which may read
+    # nothing else (scope metrics).
     assert httpx.get(d.base_url + "/metrics", timeout=10).status_code == 401
+    scraper = {"Authorization": f"Bearer {(d.root / 'prometheus.token').read_text().strip()}"}
+    assert httpx.get(d.base_url + "/metrics", headers=scraper, timeout=10).status_code == 200
+    assert httpx.get(d.base_url + "/v1/jobs", headers=scraper, timeout=10).status_code == 403
 
 
 def this_machines_address() -> str | None:
