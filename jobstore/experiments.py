@@ -433,15 +433,16 @@ def request_experiment_cancel(session: Session, experiment_id: str, *, principal
     if owner is None or not (principal.is_admin or owner.owner_id == principal.id):
         session.rollback()
         raise ExperimentNotFound(experiment_id)
-    # On PostgreSQL, lock the unfinished jobs first: between the two UPDATEs of cancel_jobs a
-    # worker could otherwise claim a queued job (missed by both) or requeue a running one. A
-    # claim or requeue that comes after waits for this commit and then sees the cancel. SQLite's
-    # BEGIN IMMEDIATE already keeps every other writer out.
+    # On PostgreSQL, lock the experiment's jobs first: between the two UPDATEs of cancel_jobs a
+    # worker could otherwise claim a queued job (missed by both) or requeue a running one, and a
+    # retry could make a failed one queued after the ids below were read (cancelled, but not
+    # published). A claim, requeue or retry that comes after waits for this commit and then sees
+    # the cancel. SQLite's BEGIN IMMEDIATE already keeps every other writer out.
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Job.id).where(Job.experiment_id == experiment_id).with_for_update())
     unfinished = select(Job.id).where(
         Job.experiment_id == experiment_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
     )
-    if session.get_bind().dialect.name == "postgresql":
-        unfinished = unfinished.with_for_update()
     job_ids = list(session.execute(unfinished).scalars())
     session.execute(
         update(Experiment).where(Experiment.id == experiment_id).values(cancel_requested=True)

@@ -354,7 +354,9 @@ def test_cancel_tells_the_event_streams_of_the_jobs_it_cancelled_or_flagged(
     assert jobs.claim_job(session, ids[1], worker="w")
     broker = redis.Redis.from_url(get_settings().broker_url)
     listener = broker.pubsub(ignore_subscribe_messages=True)
-    listener.psubscribe(events.CHANNEL_PATTERN)
+    # These jobs' channels only: pub/sub ignores the db number, so a pattern would hear the
+    # other tests on this Redis.
+    listener.subscribe(*map(events.channel, ids))
     try:
         listener.get_message(timeout=1)  # the subscription's confirmation
         assert client.post(f"/v1/experiments/{body['id']}/cancel").status_code == 202
@@ -364,6 +366,7 @@ def test_cancel_tells_the_event_streams_of_the_jobs_it_cancelled_or_flagged(
             message = listener.get_message(timeout=0.5)
             if message:
                 heard.append((message["channel"].decode(), json.loads(message["data"])))
+        assert listener.get_message(timeout=0.5) is None  # and nothing for the finished one
     finally:
         listener.close()
         broker.close()
