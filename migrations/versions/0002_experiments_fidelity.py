@@ -76,6 +76,12 @@ def downgrade() -> None:
     with op.batch_alter_table("epoch_metrics") as batch:
         batch.drop_column("val_accuracy")
         batch.drop_column("val_loss")
+    # SQLite rebuilds `jobs` (create, copy, DROP TABLE, rename), and the engine's
+    # foreign_keys=ON makes that DROP delete every epoch and checkpoint row (ON DELETE CASCADE):
+    # keep copies and put them back once the new `jobs` holds the same ids.
+    kept = ("epoch_metrics", "checkpoints") if op.get_bind().dialect.name == "sqlite" else ()
+    for table in kept:
+        op.execute(f"CREATE TEMPORARY TABLE kept_{table} AS SELECT * FROM {table}")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_index("ix_jobs_experiment_id")
         batch.drop_constraint(op.f("fk_jobs_experiment_id_experiments"), type_="foreignkey")
@@ -86,5 +92,9 @@ def downgrade() -> None:
         batch.drop_column("test_accuracy_at_best")
         batch.drop_column("best_val_accuracy")
         batch.add_column(sa.Column("best_accuracy", sa.Float(), nullable=True))
+    for table in kept:
+        op.execute(f"DELETE FROM {table}")
+        op.execute(f"INSERT INTO {table} SELECT * FROM kept_{table}")
+        op.execute(f"DROP TABLE kept_{table}")
     op.drop_index("ix_experiments_created_at_id", table_name="experiments")
     op.drop_table("experiments")

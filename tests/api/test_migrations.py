@@ -54,6 +54,33 @@ def test_going_back_from_token_scopes_keeps_every_jobs_owner(settings, session, 
     db.migrate()
 
 
+def test_going_back_to_the_first_schema_keeps_every_metric_and_checkpoint(
+    settings, session, make_job
+):
+    # 0002's downgrade rebuilds `jobs` on SQLite: its DROP TABLE, under foreign_keys=ON, deleted
+    # every epoch and checkpoint row (ON DELETE CASCADE) before they were kept aside.
+    from jobstore import jobs
+
+    job_id = make_job()
+    assert jobs.claim_job(session, job_id, worker="w") is not None
+    jobs.record_epochs(session, job_id, [{"epoch": n, "test_accuracy": 0.5} for n in (1, 2)])
+    jobs.record_checkpoint(
+        session, job_id, path="/x/checkpoint-epoch0002.pt", epoch=2, is_best=False,
+        size_bytes=1, sha256="0" * 64,
+    )  # fmt: skip
+    session.close()
+    db.dispose_engines()
+    command.downgrade(db.alembic_config(), "0001")
+    db.dispose_engines()
+    with db.get_engine().connect() as connection:
+        count = connection.exec_driver_sql
+        assert count("SELECT COUNT(*) FROM epoch_metrics").scalar() == 2
+        assert count("SELECT COUNT(*) FROM checkpoints").scalar() == 1
+        assert count("SELECT COUNT(*) FROM jobs").scalar() == 1
+    db.dispose_engines()
+    db.migrate()
+
+
 def test_sqlite_connections_use_wal_and_foreign_keys(settings):
     if not settings.database_url.startswith("sqlite"):
         return
