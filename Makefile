@@ -46,7 +46,7 @@ services:
 # Everything but the fault-injection tests marked `slow` (those run in `make test-slow`, and in CI),
 # the browser tests (`make test-browser`) and the Docker one (`make test-container`).
 test: $(STAMP) services lint
-	$(PY) -m pytest -m "not slow and not browser and not container"
+	$(PY) -m pytest -m "not slow and not browser and not container" --durations=15
 
 test-slow: $(STAMP) services
 	$(PY) -m pytest -m slow
