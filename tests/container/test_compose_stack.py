@@ -116,14 +116,18 @@ class Deployment:
         self.headers: dict[str, str] = {}
         self.timings: dict[str, float] = {}
 
-    def compose(self, *args: str, timeout: float = 600) -> str:
-        command = self.prelude + "docker compose " + " ".join(args)
+    def shell(self, script: str, *, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+        """`script` run by bash in this tree (with `docker compose` spelled for this machine);
+        its stdout, after asserting it succeeded."""
         done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", command], cwd=self.root, env=self.env,
-            capture_output=True, text=True, timeout=timeout,
+            ["bash", "-euo", "pipefail", "-c", self.prelude + script], cwd=self.root,
+            env=self.env if env is None else env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
-        assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, f"{script}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout
+
+    def compose(self, *args: str, timeout: float = 600) -> str:
+        return self.shell("docker compose " + " ".join(args), timeout=timeout)
 
     def logs(self) -> str:
         with contextlib.suppress(Exception):
@@ -323,11 +327,7 @@ def test_the_monitoring_profile_scrapes_the_api_with_its_own_token(deployment):
     prometheus_port = free_port()
     env = {**d.env, "JUMPOUT_PROMETHEUS_PORT": str(prometheus_port)}
     block = block_with(readme_blocks(), "--profile monitoring")
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", d.prelude + block], cwd=d.root, env=env,
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    d.shell(block, env=env, timeout=900)
     prometheus = f"http://127.0.0.1:{prometheus_port}/api/v1"
 
     def scraped() -> dict | None:
@@ -391,14 +391,7 @@ def test_a_second_box_joins_with_urls_and_its_checkpoints_reach_the_api(deployme
     )
     assert "docker-compose.worker-cpu.yml up -d --build" in second_box, second_box
 
-    def run(script: str, cwd: Path, env: dict[str, str]) -> None:
-        done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", d.prelude + script], cwd=cwd, env=env,
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert done.returncode == 0, f"{script}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-
-    run(api_box, d.root, {k: v for k, v in d.env.items() if k != "COMPOSE_FILE"})
+    d.shell(api_box, env={k: v for k, v in d.env.items() if k != "COMPOSE_FILE"}, timeout=900)
     box2 = tmp_path / "box2"
     box2.mkdir()
     copy_working_tree(box2)
@@ -422,7 +415,7 @@ def test_a_second_box_joins_with_urls_and_its_checkpoints_reach_the_api(deployme
     d.headers = {"Authorization": f"Bearer {token.strip().splitlines()[-1]}"}
     try:
         d.compose("stop", "worker-cpu", timeout=300)
-        run(second_box, box2, box2_env)
+        second.shell(second_box, timeout=900)
         d.wait_healthy()  # a worker again: the second box's
         job = d.submit(dataset="digits", architecture="mlp", method="jumpout", epochs=3)
         done = d.wait_for(job["id"], lambda j: j["finished_at"] is not None)
