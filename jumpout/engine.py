@@ -159,7 +159,10 @@ class Callback:
         """A checkpoint file was written (atomically) at ``path``."""
 
     def on_checkpoint_removed(self, path: str) -> None:
-        """keep-last-N pruned the checkpoint file at ``path``."""
+        """keep-last-N prunes the checkpoint file at ``path``. Called just before the file is
+        deleted, so a store of checkpoint records forgets the record first: a crash in between
+        leaves a file without a record (the next prune deletes it), never a record whose file is
+        gone."""
 
     def should_stop(self) -> bool:
         """Polled every `STOP_POLL_EVERY` steps and at each epoch end; True stops cooperatively."""
@@ -1136,8 +1139,8 @@ class _Checkpointer:
             keep.add(self.out_dir / checkpoint_name(best_epoch))
         for path in files:
             if path not in keep:
-                path.unlink(missing_ok=True)
                 self.hooks.call("on_checkpoint_removed", str(path))
+                path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,6 +72,9 @@ class Recorder(Callback):
         self.checkpoints.append((path, epoch, sha256, size_bytes, is_best))
 
     def on_checkpoint_removed(self, path):
+        # Told before the file goes, so a store forgets its record first (a crash in between
+        # must not leave a record whose file is gone).
+        assert Path(path).is_file(), f"{path} was deleted before on_checkpoint_removed"
         self.removed.append(path)
 
     def on_step(self, epoch, step, steps, loss):
