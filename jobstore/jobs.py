@@ -829,9 +829,12 @@ def record_epoch(session: Session, job_id: str, metrics: dict[str, Any]) -> None
     record_epochs(session, job_id, [metrics])
 
 
-def record_epochs(session: Session, job_id: str, epochs: list[dict[str, Any]]) -> None:
+def record_epochs(
+    session: Session, job_id: str, epochs: list[dict[str, Any]], *, commit: bool = True
+) -> None:
     """`record_epoch` for several epochs in one transaction, the job's summary refreshed once
-    (the trainer writes sub-second epochs in batches)."""
+    (the trainer writes sub-second epochs in batches). ``commit=False`` leaves the transaction
+    open for the checkpoint that covers these epochs (`record_checkpoint`)."""
     if not epochs:
         return
     now = utcnow()
@@ -871,7 +874,8 @@ def record_epochs(session: Session, job_id: str, epochs: list[dict[str, Any]]) -
             epoch_seconds=float(mean_seconds) if mean_seconds is not None else None,
         )
     )
-    session.commit()
+    if commit:
+        session.commit()
 
 
 def record_checkpoint(
@@ -883,6 +887,7 @@ def record_checkpoint(
     sha256: str,
     size_bytes: int,
     is_best: bool,
+    commit: bool = True,
 ) -> Checkpoint:
     """Record a checkpoint file the worker wrote (upsert on (job, path): a resumed run may
     rewrite the same file). A new best clears the flag on the job's other checkpoints."""
@@ -914,12 +919,37 @@ def record_checkpoint(
         .where(Checkpoint.job_id == job_id, Checkpoint.path == path)
         .execution_options(populate_existing=True)
     ).one()
-    session.commit()
+    if commit:
+        session.commit()
     return row
 
 
+class AttemptSuperseded(RuntimeError):
+    """The job no longer runs as the attempt that is writing: the reaper gave it to another
+    attempt (this one's heartbeats did not reach the store in time), or it ended. That attempt's
+    trainer must write nothing more: its checkpoints and metrics are the new attempt's now."""
+
+
+def hold_attempt(session: Session, job_id: str, *, attempt: int, lock: bool = True) -> None:
+    """The first statement of a trainer's write: check that the job still runs as ``attempt``
+    and keep it so until the transaction ends, or raise `AttemptSuperseded`. PostgreSQL locks
+    the job's row (a reaper's requeue waits for the write, and two writes of one job's
+    checkpoints are serialised, so one best flag); SQLite's transactions already are
+    (``BEGIN IMMEDIATE``). ``lock=False``: the check alone, for a read."""
+    query = select(Job.attempt, Job.status).where(Job.id == job_id)
+    if lock and session.get_bind().dialect.name != "sqlite":
+        query = query.with_for_update()
+    row = session.execute(query).one_or_none()
+    if row is None or row.attempt != attempt or row.status != JobStatus.RUNNING:
+        state = "gone" if row is None else f"{row.status} as attempt {row.attempt}"
+        raise AttemptSuperseded(
+            f"job {job_id} no longer runs as attempt {attempt} (now {state}): this attempt "
+            "writes nothing more"
+        )
+
+
 def forget_checkpoint(session: Session, job_id: str, *, path: str) -> None:
-    """The worker deleted this file (keep-last-N pruning)."""
+    """The worker deletes this file (keep-last-N pruning; the record goes first)."""
     session.execute(
         delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.path == str(path))
     )

@@ -300,10 +300,15 @@ class UploadFailed(RuntimeError):
     crash and the next one resumes from the last checkpoint that was."""
 
 
-def prune_records(session, job_id: str, *, keep_last: int, keep_best: bool) -> list[str]:
+def prune_records(
+    session, job_id: str, *, keep_last: int, keep_best: bool, attempt: int | None = None
+) -> list[str]:
     """Forget the job's checkpoint records that the engine's rule no longer keeps (the newest
     ``keep_last`` by name, plus the best one with ``keep_best``); returns their file names, whose
-    files are then deleted."""
+    files are then deleted. With ``attempt``, only while the job still runs as that attempt
+    (`jobs.hold_attempt`)."""
+    if attempt is not None:
+        jobs.hold_attempt(session, job_id, attempt=attempt)
     rows = session.execute(
         select(Checkpoint.id, Checkpoint.path, Checkpoint.is_best).where(
             Checkpoint.job_id == job_id
@@ -343,9 +348,11 @@ class CheckpointUploader:
         *,
         keep_last: int,
         keep_best: bool,
+        attempt: int | None = None,
         queue_size: int | None = None,
     ) -> None:
         self.job_id = job_id
+        self.attempt = attempt
         self.client = client
         self.record = record
         self.keep_last = keep_last
@@ -357,6 +364,8 @@ class CheckpointUploader:
         self._thread.start()
 
     def _check(self) -> None:
+        if isinstance(self._failure, jobs.AttemptSuperseded):
+            raise self._failure  # not a failed upload: the job is another attempt's now
         if self._failure is not None:
             raise UploadFailed(
                 f"checkpoint upload to the artifact service failed: {self._failure}"
@@ -424,7 +433,11 @@ class CheckpointUploader:
         self.record(item["epochs"], checkpoint)
         _discard(item)
         pruned = db.call(
-            prune_records, self.job_id, keep_last=self.keep_last, keep_best=self.keep_best
+            prune_records,
+            self.job_id,
+            keep_last=self.keep_last,
+            keep_best=self.keep_best,
+            attempt=self.attempt,
         )
         for name in pruned:
             try:

@@ -35,6 +35,7 @@ from worker.supervisor import (
     EXIT_FAILED,
     EXIT_STOPPED,
     EXIT_SUCCEEDED,
+    EXIT_SUPERSEDED,
     RESULT_FILE,
     RESULT_RESERVED_BYTES,
 )
@@ -132,6 +133,8 @@ def outcome(exit_codes: dict[int, int], directory: Path, devices: int) -> tuple[
     ones, by rank; the launcher stopped the rest)."""
     from jumpout.distributed import describe_exit
 
+    if EXIT_SUPERSEDED in exit_codes.values():  # the job is another attempt's: nothing to say
+        return EXIT_SUPERSEDED, None
     reasons = {number: _read_reason(directory / result_name(number)) for number in exit_codes}
     for code in _JOB_FAILURES:
         for number, exit_code in exit_codes.items():

@@ -35,7 +35,9 @@ request                    after ``cancel_grace`` s it gets SIGTERM, 10 s later 
 anything, after a worker   requeued at once without using up an attempt; resumes from the
 shutdown                   checkpoint the trainer wrote when told to stop
 anything, after the job    nothing: the reaper already gave the job to another attempt (this
-was taken away             one's heartbeats did not reach the database in time)
+was taken away, and        one's heartbeats did not reach the database in time); a trainer
+``EXIT_SUPERSEDED`` (7)    learns it at its next write or cancel poll (`jobs.hold_attempt`) and
+                           exits with 7, having written nothing more
 anything else (signal,     requeued while ``attempt < max_attempts`` (the next attempt resumes
 OOM, crash, the template   from the newest checkpoint whose sha256 matches; a retried job has
 died under the trainer)    more, ``jobs.attempt_budget``), else ``failed``; the error reads
@@ -78,6 +80,7 @@ EXIT_FAILED = 3
 EXIT_STOPPED = 4
 EXIT_ENVIRONMENT = 5
 EXIT_DEVICE = 6
+EXIT_SUPERSEDED = 7
 
 KILL_AFTER_TERM_S = 10.0
 # In a job's ``error`` after a device failure (`_device_failed_before` looks for it).
@@ -92,6 +95,9 @@ RESULT_FILE = "trainer-result.json"
 # be written, and the reason of the failure is what the job's error needs most.
 RESULT_RESERVED_BYTES = 4096
 LOG_FILE = joblog.LOG_FILE  # the API reads it by the same name
+# The trainer's attempt number, in its environment: every write it makes is that attempt's
+# (`jobs.hold_attempt`). Not a setting: set per trainer by its supervisor.
+ATTEMPT_ENV = "JUMPOUT_TRAINER_ATTEMPT"
 
 _shutdown_requested = False
 
@@ -305,7 +311,7 @@ def supervise(
             job_id,
             log_file,
             command,
-            env,
+            {**(env or {}), ATTEMPT_ENV: str(attempt)},
             while_waiting=lambda: _best_effort(jobs.heartbeat, job_id, attempt=attempt),
         )
     log.info("job %s attempt %d: trainer pid %d", job_id, attempt, trainer.pid)
@@ -394,7 +400,7 @@ def _record_outcome(
     settings = get_settings()
     budget = max_attempts if max_attempts is not None else settings.max_attempts
     reason = stop.reason if stop is not None else None
-    if reason == "lost":
+    if reason == "lost" or returncode == EXIT_SUPERSEDED:
         log.warning("job %s attempt %d: no longer ours; left to its new owner", job_id, attempt)
         return None
     if returncode == EXIT_SUCCEEDED:

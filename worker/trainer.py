@@ -12,6 +12,8 @@ what happened (see ``worker.supervisor``):
   out of memory); the
   readable reason is in ``trainer-result.json`` next to the checkpoints; retrying cannot help;
 * ``EXIT_STOPPED``: stopped on request after checkpointing;
+* ``EXIT_SUPERSEDED``: the job was given to another attempt meanwhile (`jobs.AttemptSuperseded`);
+  this trainer wrote nothing after learning it, and reports nothing;
 * ``EXIT_DEVICE``: the worker's device is broken (no usable GPU where one is configured, a
   driver too old for the wheel's CUDA line, a GPU lost mid-run: `worker.devices`); the reason is
   for the operator; the job goes back to the queue without using an attempt;
@@ -49,11 +51,13 @@ from jobstore.tables import JobStatus
 from worker import devices, ranks
 from worker.failures import describe_exception, disk_full_reason, shorten, strip_paths
 from worker.supervisor import (
+    ATTEMPT_ENV,
     EXIT_DEVICE,
     EXIT_ENVIRONMENT,
     EXIT_FAILED,
     EXIT_STOPPED,
     EXIT_SUCCEEDED,
+    EXIT_SUPERSEDED,
 )
 
 log = logging.getLogger("worker.trainer")
@@ -71,12 +75,24 @@ class StoreCallback:
     the newest checkpoint, which the next attempt trains again and records (an upsert). With a
     checkpoint per epoch (``checkpoint_interval`` 0) that is one transaction per epoch; with
     sub-second epochs, one per interval.
+
+    Every write is this ``attempt``'s (`jobs.hold_attempt`): once the reaper has given the job
+    to another attempt, the next write or cancel poll raises `jobs.AttemptSuperseded` and this
+    trainer ends without writing (no stop checkpoint, no record, no deleted file), so it never
+    prunes or overwrites what the new attempt recorded.
     """
 
     def __init__(
-        self, job_id: str, *, stop_event: threading.Event, parent_pid: int, epochs: int = 1
+        self,
+        job_id: str,
+        *,
+        attempt: int,
+        stop_event: threading.Event,
+        parent_pid: int,
+        epochs: int = 1,
     ) -> None:
         self.job_id = job_id
+        self.attempt = attempt
         # Progress within an epoch, for the event streams only (not stored), at most 2/s.
         self.progress = events.ProgressReporter(job_id, epochs=epochs)
         self.stop_event = stop_event
@@ -96,15 +112,18 @@ class StoreCallback:
     def flush(self) -> None:
         """Write the epochs held back (a remote worker: after the uploads queued before them,
         all of which are waited for)."""
-        if self.uploader is not None:
-            self.uploader.epochs(self._pending)
-            self._pending = []
-            self.uploader.close()
-            return
-        if self._pending:
-            db.call(_record_progress, self.job_id, self._pending)
-            self._pending = []
-            events.publish_changed(self.job_id)
+        try:
+            if self.uploader is not None:
+                self.uploader.epochs(self._pending)
+                self._pending = []
+                self.uploader.close()
+                return
+            if self._pending:
+                db.call(_record_progress, self.job_id, self._pending, attempt=self.attempt)
+                self._pending = []
+                events.publish_changed(self.job_id)
+        except jobs.AttemptSuperseded as error:  # the new attempt trains these epochs again
+            log.warning("%s", error)
 
     def on_checkpoint(
         self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
@@ -115,14 +134,20 @@ class StoreCallback:
             self._pending = []
             return
         checkpoint = dict(path=path, epoch=epoch, sha256=sha256, size_bytes=size_bytes)
-        db.call(_record_progress, self.job_id, self._pending, {**checkpoint, "is_best": is_best})
+        db.call(
+            _record_progress,
+            self.job_id,
+            self._pending,
+            {**checkpoint, "is_best": is_best},
+            attempt=self.attempt,
+        )
         if self._pending:
             events.publish_changed(self.job_id)
         self._pending = []
 
     def on_checkpoint_removed(self, path: str) -> None:
         if self.uploader is None:  # else the uploader prunes the records, by the same rule
-            db.call(jobs.forget_checkpoint, self.job_id, path=path)
+            db.call(_forget_checkpoint, self.job_id, path, attempt=self.attempt)
 
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
         self.progress.on_step(epoch, step, steps, loss)
@@ -134,7 +159,11 @@ class StoreCallback:
         if not self._cancelled and now - self._cancel_checked_at >= CANCEL_POLL_S:
             self._cancel_checked_at = now
             try:
-                self._cancelled = bool(db.call(read_cancel_flag, self.job_id, retry_for_s=0))
+                self._cancelled = bool(
+                    db.call(read_stop_request, self.job_id, self.attempt, retry_for_s=0)
+                )
+            except jobs.AttemptSuperseded:
+                raise  # ends the run at once: a stop would write a checkpoint
             except Exception as error:  # noqa: BLE001 - the next poll asks again
                 log.warning("could not read the cancel flag: %s", error)
         return self._cancelled
@@ -155,24 +184,38 @@ def _epoch_line(metrics: dict) -> str:
     return parts[0] + ": " + ", ".join(parts[1:])
 
 
-def read_cancel_flag(session, job_id: str) -> bool:
-    """`jobs.cancel_requested` for the training thread, bounded in time: on PostgreSQL the
+def read_stop_request(session, job_id: str, attempt: int) -> bool:
+    """`jobs.cancel_requested` for the training thread (raising `jobs.AttemptSuperseded` once
+    the job no longer runs as ``attempt``), bounded in time: on PostgreSQL the
     statement gives up after ``db_connect_timeout`` seconds (a lock, a stalled server), and the
     connection itself was opened with a connect timeout and a TCP user timeout (`jobstore.db`),
     so a network partition costs a poll at most about that long, never the training."""
     if not db.is_sqlite():
         timeout_ms = int(get_settings().db_connect_timeout * 1000)
         session.execute(text(f"SET LOCAL statement_timeout = {timeout_ms}"))
+    jobs.hold_attempt(session, job_id, attempt=attempt, lock=False)
     return jobs.cancel_requested(session, job_id)
 
 
 def _record_progress(
-    session, job_id: str, epochs: list[dict], checkpoint: dict | None = None
+    session, job_id: str, epochs: list[dict], checkpoint: dict | None = None, *, attempt: int
 ) -> None:
-    """Epochs, then the checkpoint that covers them, in one session (with ``db.call``)."""
-    jobs.record_epochs(session, job_id, epochs)
+    """Epochs, then the checkpoint that covers them, in one transaction (``db.call`` commits),
+    as long as the job still runs as ``attempt``: a kill between the two leaves neither."""
+    jobs.hold_attempt(session, job_id, attempt=attempt)
+    jobs.record_epochs(session, job_id, epochs, commit=False)
     if checkpoint is not None:
-        jobs.record_checkpoint(session, job_id, **checkpoint)
+        jobs.record_checkpoint(session, job_id, **checkpoint, commit=False)
+
+
+def _forget_checkpoint(session, job_id: str, path: str, *, attempt: int) -> None:
+    jobs.hold_attempt(session, job_id, attempt=attempt)
+    jobs.forget_checkpoint(session, job_id, path=path)
+
+
+def _set_environment(session, job_id: str, *, attempt: int, **values) -> None:
+    jobs.hold_attempt(session, job_id, attempt=attempt)
+    jobs.set_environment(session, job_id, **values)
 
 
 def build_config(spec: dict[str, Any], *, job_id: str):
@@ -268,7 +311,7 @@ def _resume_file(job_id: str) -> str | None:
     return checkpoint.path if checkpoint is not None else None
 
 
-def _checkpoint_uploader(job_id: str, config):
+def _checkpoint_uploader(job_id: str, config, *, attempt: int):
     """For a worker on another box: the thread that sends the checkpoints to the API's box and
     records them once there (`worker.artifacts.CheckpointUploader`); None on the API's box."""
     from worker import artifacts
@@ -278,7 +321,7 @@ def _checkpoint_uploader(job_id: str, config):
     artifacts.clear_staging(jobs.job_directory(job_id))
 
     def record(epochs: list[dict], checkpoint: dict | None) -> None:
-        db.call(_record_progress, job_id, epochs, checkpoint)
+        db.call(_record_progress, job_id, epochs, checkpoint, attempt=attempt)
         if epochs:
             events.publish_changed(job_id)
 
@@ -288,6 +331,7 @@ def _checkpoint_uploader(job_id: str, config):
         record,
         keep_last=config.keep_last,
         keep_best=config.keep_best,
+        attempt=attempt,
     )
 
 
@@ -403,6 +447,8 @@ def train(job_id: str) -> int:
         _check_device(device)
     except Exception as error:  # noqa: BLE001 - whatever CUDA raises: the device is unusable
         return _fail_for_device(job_id, error)
+    # This attempt's number, from the supervisor (a trainer started by hand: the job's current).
+    attempt = int(os.environ.get(ATTEMPT_ENV) or job.attempt)
     resume_from = _resume_file(job_id)
     if resume_from:
         log.info("resuming job %s from %s", job_id, resume_from)
@@ -418,13 +464,18 @@ def train(job_id: str) -> int:
         provenance["device_slots"] = slots
     if ranks.reports():  # one device, or rank 0 of several: the others only train
         described = ranks.describe_device(config.devices, _describe_device(device))
-        db.call(jobs.set_environment, job_id, environment=provenance, device=described)
+        db.call(_set_environment, job_id, attempt=attempt, environment=provenance, device=described)
         callback = StoreCallback(
-            job_id, stop_event=stop_event, parent_pid=parent_pid, epochs=config.epochs
+            job_id,
+            attempt=attempt,
+            stop_event=stop_event,
+            parent_pid=parent_pid,
+            epochs=config.epochs,
         )
-        callback.uploader = _checkpoint_uploader(job_id, config)
+        callback.uploader = _checkpoint_uploader(job_id, config, attempt=attempt)
     else:
         callback = ranks.RankCallback(stop_event=stop_event, parent_pid=parent_pid)
+    trained = False
     try:
         result = fit(
             config,
@@ -433,6 +484,7 @@ def train(job_id: str) -> int:
             init_source=init_source,
             checkpoint_every_s=get_settings().checkpoint_interval,
         )
+        trained = True
     except ConfigError as error:
         _write_result(job_id, f"invalid job spec: {error}")
         return EXIT_FAILED
@@ -463,7 +515,16 @@ def train(job_id: str) -> int:
             return EXIT_FAILED
         raise
     finally:
-        callback.flush()  # the epochs after the last checkpoint (none when it was the last)
+        # The epochs after the last checkpoint (none when it was the last). After a failure, a
+        # store that cannot take them must not change how the attempt ends (a deterministic
+        # failure would become a crash, retried).
+        if trained:
+            callback.flush()
+        else:
+            try:
+                callback.flush()
+            except Exception as error:  # noqa: BLE001 - logged; the failure decides the exit
+                log.warning("job %s: the last epochs were not recorded: %s", job_id, error)
     if result.stopped:
         return EXIT_STOPPED
     return EXIT_SUCCEEDED
@@ -480,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
     job_id = args[0]
     try:
         return train(job_id)
+    except jobs.AttemptSuperseded as error:
+        # Not this attempt's failure, nor its to report: the job's new attempt owns the result
+        # file and the checkpoints; its old supervisor records nothing either.
+        log.warning("%s", error)
+        return EXIT_SUPERSEDED
     except Exception as error:
         if is_disk_full(error):
             return _fail_for_environment(job_id, error)

@@ -59,7 +59,9 @@ def test_cancel_poll_returns_within_the_timeout_when_the_database_does_not_answe
     monkeypatch.setenv("JUMPOUT_DB_CONNECT_TIMEOUT", "2")
     get_settings.cache_clear()
     try:
-        callback = StoreCallback("0" * 32, stop_event=threading.Event(), parent_pid=os.getppid())
+        callback = StoreCallback(
+            "0" * 32, attempt=1, stop_event=threading.Event(), parent_pid=os.getppid()
+        )
         started = time.monotonic()
         assert callback.should_stop() is False  # the poll failed: training goes on
         elapsed = time.monotonic() - started

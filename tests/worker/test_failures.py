@@ -9,7 +9,7 @@ import json
 import sqlite3
 
 import pytest
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
 from jobstore import jobs
 from jobstore.settings import get_settings
@@ -175,3 +175,29 @@ def test_a_remote_workers_full_disk_names_the_checkpoint_recorded_on_the_apis_bo
     supervisor._fail_for_environment(claimed_job, attempt=1)  # the supervisor's own reason
     row = job_store.call(jobs.get_job, claimed_job)
     assert row.status == "failed" and "the checkpoint of epoch 4 is intact" in row.error
+
+
+def test_a_store_that_cannot_take_the_last_epochs_does_not_turn_a_failure_into_a_crash(
+    claimed_job, monkeypatch
+):
+    # A diverged run fails once (EXIT_FAILED, never retried) even when the store is down as
+    # the trainer flushes its held-back epochs: before, the flush's error replaced the exit
+    # code and the reason, and the supervisor retried the run to diverge again.
+    import jumpout.engine
+    from worker.supervisor import EXIT_FAILED
+
+    monkeypatch.setenv("JUMPOUT_DEVICE", "cpu")
+    get_settings.cache_clear()
+
+    def diverge(config, callbacks, **options):
+        callbacks[0].on_epoch_end({"epoch": 1, "train_loss": 2.0})
+        raise jumpout.engine.NonFiniteLossError(2, 5)
+
+    def store_down(*args, **kwargs):  # what db.call raises once its retries are spent
+        raise DatabaseError("INSERT", {}, Exception("the database is down"))
+
+    monkeypatch.setattr(jumpout.engine, "fit", diverge)
+    monkeypatch.setattr(trainer, "_record_progress", store_down)
+    jobs.job_directory(claimed_job).mkdir(parents=True)
+    assert trainer.train(claimed_job) == EXIT_FAILED
+    assert _result(claimed_job).startswith("training diverged: training loss became NaN")

@@ -18,7 +18,7 @@ import pytest
 from jobstore import jobs
 from jobstore.settings import get_settings
 from worker import supervisor
-from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, EXIT_SUCCEEDED
+from worker.supervisor import EXIT_FAILED, EXIT_STOPPED, EXIT_SUCCEEDED, EXIT_SUPERSEDED
 from worker.template import ForkedTrainer, TrainerTemplate
 
 pytestmark = pytest.mark.timeout(240)
@@ -188,6 +188,31 @@ def test_sigterm_makes_a_forked_trainer_checkpoint_and_stop(job_store, template)
     epochs = recorded_epochs(job_store, job_id)
     assert newest is not None and epochs == list(range(1, len(epochs) + 1))
     assert newest.epoch >= epochs[-1]  # the stop's checkpoint covers every recorded epoch
+
+
+def test_a_trainer_whose_job_went_to_another_attempt_writes_nothing_more(job_store, template):
+    # The reaper requeued the job (this attempt's heartbeats were late) and another worker
+    # claimed it: the old trainer must neither record, prune nor checkpoint on its way out.
+    job_id = new_job(job_store, epochs=400)
+    out_dir = jobs.job_directory(job_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / supervisor.LOG_FILE, "ab") as log_file:
+        trainer = supervisor.start_trainer(job_id, log_file, env={supervisor.ATTEMPT_ENV: "1"})
+    wait_for(lambda: recorded_epochs(job_store, job_id), timeout=120, what="a recorded epoch")
+    assert job_store.call(jobs.requeue_job, job_id, attempt=1, error="stale", count_attempt=True)
+    assert job_store.call(jobs.claim_job, job_id, worker="another") is not None  # attempt 2
+    epochs = recorded_epochs(job_store, job_id)
+    records = {(row.path, row.sha256) for row in job_store.call(jobs.list_checkpoints, job_id)}
+    assert trainer.wait(timeout=30) == EXIT_SUPERSEDED
+    assert len(epochs) < 400, "the job ended before it was handed over"
+    assert recorded_epochs(job_store, job_id) == epochs
+    after = job_store.call(jobs.list_checkpoints, job_id)
+    assert {(row.path, row.sha256) for row in after} == records
+    for row in after:  # none pruned or overwritten by the old trainer
+        jobs.verify_checkpoint_file(row)
+    assert not list(out_dir.glob("checkpoint-*-step*.pt")), "a stop checkpoint was written"
+    assert not (out_dir / supervisor.RESULT_FILE).exists()  # the new attempt's to write
+    assert "no longer runs as attempt 1" in (out_dir / supervisor.LOG_FILE).read_text()
 
 
 def test_a_dead_template_is_restarted(job_store, template, enqueued):

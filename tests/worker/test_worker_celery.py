@@ -67,7 +67,7 @@ def test_should_stop_reads_the_cancel_flag_at_most_once_a_second(claimed_job, mo
 
     monkeypatch.setattr(jobs, "cancel_requested", counting)
     callback = trainer.StoreCallback(
-        claimed_job, stop_event=threading.Event(), parent_pid=os.getppid()
+        claimed_job, attempt=1, stop_event=threading.Event(), parent_pid=os.getppid()
     )
     assert not any(callback.should_stop() for _ in range(50))
     assert len(reads) == 1
@@ -75,13 +75,15 @@ def test_should_stop_reads_the_cancel_flag_at_most_once_a_second(claimed_job, mo
 
 def test_should_stop_on_sigterm_flag_or_cancel(job_store, claimed_job):
     stop_event = threading.Event()
-    callback = trainer.StoreCallback(claimed_job, stop_event=stop_event, parent_pid=os.getppid())
+    callback = trainer.StoreCallback(
+        claimed_job, attempt=1, stop_event=stop_event, parent_pid=os.getppid()
+    )
     assert not callback.should_stop()
     stop_event.set()
     assert callback.should_stop()
 
     callback = trainer.StoreCallback(
-        claimed_job, stop_event=threading.Event(), parent_pid=os.getppid()
+        claimed_job, attempt=1, stop_event=threading.Event(), parent_pid=os.getppid()
     )
     job_store.call(jobs.request_cancel, claimed_job, token=_Admin())
     callback._cancel_checked_at = float("-inf")
@@ -90,7 +92,7 @@ def test_should_stop_on_sigterm_flag_or_cancel(job_store, claimed_job):
 
 def test_should_stop_when_the_supervisor_is_gone(claimed_job):
     callback = trainer.StoreCallback(
-        claimed_job, stop_event=threading.Event(), parent_pid=os.getppid() + 1
+        claimed_job, attempt=1, stop_event=threading.Event(), parent_pid=os.getppid() + 1
     )
     assert callback.should_stop()
 

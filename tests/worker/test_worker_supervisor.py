@@ -106,6 +106,17 @@ def test_a_job_taken_away_is_left_to_its_new_owner(job_store, claimed_job, tmp_p
     assert enqueued == []
 
 
+def test_a_trainer_that_learnt_its_job_was_taken_away_is_left_alone(
+    job_store, claimed_job, tmp_path, enqueued
+):
+    # No "lost" stop yet (the supervisor's heartbeat had not failed): the exit code says it.
+    returncode = supervisor.EXIT_SUPERSEDED
+    assert outcome(claimed_job, tmp_path, returncode=returncode, reason="ignored") is None
+    row = job(job_store, claimed_job)
+    assert (row.status, row.attempt, row.error) == ("running", 1, None)
+    assert enqueued == []
+
+
 def test_requeue_is_conditional_on_the_attempt(job_store, claimed_job):
     assert not job_store.call(
         jobs.requeue_job, claimed_job, attempt=2, error="x", count_attempt=True
