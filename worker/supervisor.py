@@ -61,6 +61,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,7 +347,10 @@ def supervise(
     # DataLoader workers or anything else the trainer left behind in its group.
     _signal_group(trainer.pid, signal.SIGKILL)
     if shipper is not None:  # the API's copy of the log is whole before the job is final
-        shipper.close(timeout=LOG_SEND_TIMEOUT_S)
+        # Up to LOG_SEND_TIMEOUT_S plus a request's limit: the job's heartbeat goes on, or a
+        # heartbeat_timeout under that would hand a finished job to another attempt.
+        with _heartbeats(job_id, attempt=attempt, every_s=settings.heartbeat_interval):
+            shipper.close(timeout=LOG_SEND_TIMEOUT_S)
     return _record_outcome(
         job_id,
         attempt=attempt,
@@ -356,6 +360,24 @@ def supervise(
         tail=_tail(log_path, start_offset),
         max_attempts=max_attempts,
     )
+
+
+@contextlib.contextmanager
+def _heartbeats(job_id: str, *, attempt: int, every_s: float):
+    """The job's heartbeat, from a thread, while the body waits on something else."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            _best_effort(jobs.heartbeat, job_id, attempt=attempt)
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _log_shipper(job_id: str, log_path: Path, offset: int):

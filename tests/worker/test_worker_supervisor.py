@@ -117,6 +117,16 @@ def test_a_trainer_that_learnt_its_job_was_taken_away_is_left_alone(
     assert enqueued == []
 
 
+def test_the_heartbeat_goes_on_while_the_log_is_sent(job_store, claimed_job):
+    import time
+
+    before = job(job_store, claimed_job).heartbeat_at
+    with supervisor._heartbeats(claimed_job, attempt=1, every_s=0.1):
+        time.sleep(0.5)  # a slow artifact service, on a remote worker
+        during = job(job_store, claimed_job).heartbeat_at
+    assert during > before
+
+
 def test_requeue_is_conditional_on_the_attempt(job_store, claimed_job):
     assert not job_store.call(
         jobs.requeue_job, claimed_job, attempt=2, error="x", count_attempt=True
