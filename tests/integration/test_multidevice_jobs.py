@@ -87,6 +87,7 @@ def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(stack):
     assert response.status_code == 200 and len(response.content) > 0
 
 
+@pytest.mark.slow  # about 20 s: in make test-slow, keeping make test under 15 minutes
 def test_a_cancel_stops_every_rank(stack):
     job = stack.submit(dataset="digits", architecture="mlp", epochs=500, devices=2)
     stack.wait_running(job["id"], epoch=1, timeout=180)

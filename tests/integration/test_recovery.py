@@ -57,6 +57,7 @@ def test_missing_dataset_fails_once_with_a_readable_reason(stack):
     assert "Traceback" not in done["error"]
 
 
+@pytest.mark.slow  # about 20 s: in make test-slow, keeping make test under 15 minutes
 def test_trainer_crash_is_retried_and_resumes_from_the_checkpoint(stack):
     # Long enough to be caught running: six epochs of digits took 0.4 s from a forked trainer.
     spec = {**LONG, "epochs": 150}
