@@ -112,18 +112,15 @@ class StoreCallback:
     def flush(self) -> None:
         """Write the epochs held back (a remote worker: after the uploads queued before them,
         all of which are waited for)."""
-        try:
-            if self.uploader is not None:
-                self.uploader.epochs(self._pending)
-                self._pending = []
-                self.uploader.close()
-                return
-            if self._pending:
-                db.call(_record_progress, self.job_id, self._pending, attempt=self.attempt)
-                self._pending = []
-                events.publish_changed(self.job_id)
-        except jobs.AttemptSuperseded as error:  # the new attempt trains these epochs again
-            log.warning("%s", error)
+        if self.uploader is not None:
+            self.uploader.epochs(self._pending)
+            self._pending = []
+            self.uploader.close()
+            return
+        if self._pending:
+            db.call(_record_progress, self.job_id, self._pending, attempt=self.attempt)
+            self._pending = []
+            events.publish_changed(self.job_id)
 
     def on_checkpoint(
         self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
@@ -523,6 +520,8 @@ def train(job_id: str) -> int:
         else:
             try:
                 callback.flush()
+            except jobs.AttemptSuperseded:
+                pass  # what the run ended on, most likely; the new attempt trains them again
             except Exception as error:  # noqa: BLE001 - logged; the failure decides the exit
                 log.warning("job %s: the last epochs were not recorded: %s", job_id, error)
     if result.stopped:

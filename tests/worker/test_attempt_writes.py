@@ -100,7 +100,7 @@ def test_a_finished_job_takes_no_more_writes_from_its_attempt(store):
         store.call(trainer._record_progress, job_id, [epoch(9)], attempt=1)
 
 
-def test_the_callback_stops_at_once_and_its_flush_writes_nothing(store):
+def test_the_callback_stops_at_once_and_writes_nothing_more(store):
     job_id = claimed(store)
     callback = trainer.StoreCallback(
         job_id, attempt=1, stop_event=threading.Event(), parent_pid=os.getppid()
@@ -113,7 +113,8 @@ def test_the_callback_stops_at_once_and_its_flush_writes_nothing(store):
         callback.should_stop()  # raised, not True: a stop would write a checkpoint
     with pytest.raises(jobs.AttemptSuperseded):
         callback.on_checkpoint_removed(checkpoint(job_id, 1)["path"])
-    callback.flush()  # the new attempt trains epoch 1 again and records it
+    with pytest.raises(jobs.AttemptSuperseded):
+        callback.flush()  # refused too: the new attempt trains epoch 1 again and records it
     assert stored(store, job_id) == ([], [])
 
 
