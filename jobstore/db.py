@@ -234,7 +234,7 @@ def network_timeouts(url: str, timeout_s: float) -> dict[str, Any]:
     opening it, ``tcp_user_timeout`` for data sent and never acknowledged, keepalives for an idle
     one. Without them the trainer's cancel poll (once a second, in the training thread) could
     block for the kernel's TCP retransmission timeout (about 15 minutes), freezing training. A
-    statement's own time is bounded where it matters (`worker.trainer.read_cancel_flag`). Empty
+    statement's own time is bounded where it matters (`worker.trainer.read_stop_request`). Empty
     for other backends."""
     if _backend(url) != "postgresql":
         return {}

@@ -938,7 +938,9 @@ def hold_attempt(session: Session, job_id: str, *, attempt: int, lock: bool = Tr
     (``BEGIN IMMEDIATE``). ``lock=False``: the check alone, for a read."""
     query = select(Job.attempt, Job.status).where(Job.id == job_id)
     if lock and session.get_bind().dialect.name != "sqlite":
-        query = query.with_for_update()
+        # NO KEY UPDATE: what the UPDATE of the job's summary takes anyway; it does not block
+        # the inserts of rows that reference the job (epochs, checkpoints) from elsewhere.
+        query = query.with_for_update(key_share=True)
     row = session.execute(query).one_or_none()
     if row is None or row.attempt != attempt or row.status != JobStatus.RUNNING:
         state = "gone" if row is None else f"{row.status} as attempt {row.attempt}"

@@ -153,6 +153,10 @@ class Callback:
     def on_epoch_end(self, metrics: dict) -> None:
         """One dict per finished epoch (keys: see `fit`)."""
 
+    def before_checkpoint(self, path: str, epoch: int) -> None:
+        """A checkpoint file is about to be written at ``path`` (it may replace one there); an
+        exception raised here ends the run before the file is touched."""
+
     def on_checkpoint(
         self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
     ) -> None:
@@ -1117,6 +1121,7 @@ class _Checkpointer:
         if not self.writes:
             self.ranks.barrier()  # rank 0 has written and pruned
             return str(path)
+        self.hooks.call("before_checkpoint", str(path), epoch)
         try:
             sha256, size = _atomic_save(state, path)
         except Exception as error:

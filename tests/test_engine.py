@@ -61,6 +61,7 @@ class Recorder(Callback):
     def __init__(self, stop_after_steps: int | None = None) -> None:
         self.epochs: list[dict] = []
         self.checkpoints: list[tuple] = []
+        self.announced: list[tuple] = []
         self.removed: list[str] = []
         self.steps: list[tuple] = []
         self.stop_after_steps = stop_after_steps
@@ -68,7 +69,11 @@ class Recorder(Callback):
     def on_epoch_end(self, metrics):
         self.epochs.append(metrics)
 
+    def before_checkpoint(self, path, epoch):
+        self.announced.append((path, epoch))
+
     def on_checkpoint(self, path, epoch, sha256, size_bytes, is_best):
+        assert self.announced[-1] == (path, epoch), "written without before_checkpoint"
         self.checkpoints.append((path, epoch, sha256, size_bytes, is_best))
 
     def on_checkpoint_removed(self, path):
@@ -278,6 +283,25 @@ def test_keep_last_without_keep_best_and_stale_temp_files_removed(tmp_path):
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-epoch0003.pt"]
     assert len(recorder.removed) == 2
     assert not stale.exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_refused_checkpoint_is_never_written(tmp_path):
+    # The worker refuses the write of a trainer whose job went to another attempt: the file
+    # already there (the new attempt's) must stay as it is.
+    class Refusing(Recorder):
+        def before_checkpoint(self, path, epoch):
+            super().before_checkpoint(path, epoch)
+            if epoch == 2:
+                raise RuntimeError("not this run's to write")
+
+    theirs = tmp_path / "checkpoint-epoch0002.pt"
+    theirs.write_bytes(b"the new attempt's checkpoint")
+    recorder = Refusing()
+    with pytest.raises(RuntimeError, match="not this run's"):
+        fit(small_config(tmp_path, epochs=3, train_size=64, keep_last=5), recorder)
+    assert theirs.read_bytes() == b"the new attempt's checkpoint"
+    assert [entry[1] for entry in recorder.checkpoints] == [1]
     assert not list(tmp_path.glob("*.tmp"))
 
 

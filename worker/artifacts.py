@@ -396,6 +396,14 @@ class CheckpointUploader:
         if epochs:
             self._queue.put({"epochs": list(epochs)})
 
+    def abandon(self) -> None:
+        """Send nothing more: the job went to another attempt. What is queued is discarded; an
+        upload under way ends by itself, and its record is refused (`jobs.hold_attempt`)."""
+        if self._failure is None:
+            self._failure = jobs.AttemptSuperseded(f"job {self.job_id}: uploads abandoned")
+        with contextlib.suppress(queue.Full):  # a full queue is drained (discarded) anyway
+            self._queue.put_nowait(self._STOP)
+
     def close(self, timeout: float | None = None) -> None:
         """Send everything queued, stop the thread; raises `UploadFailed` if something could
         not be sent."""
@@ -425,6 +433,8 @@ class CheckpointUploader:
         if "staged" not in item:
             self.record(item["epochs"], None)
             return
+        if self.attempt is not None:  # the upload may replace a file the new attempt recorded
+            db.call(jobs.hold_attempt, self.job_id, attempt=self.attempt, lock=False)
         stored = self.client.upload_checkpoint(
             self.job_id, item["staged"], name=item["name"], sha256=item["sha256"]
         )

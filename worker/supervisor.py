@@ -35,9 +35,11 @@ request                    after ``cancel_grace`` s it gets SIGTERM, 10 s later 
 anything, after a worker   requeued at once without using up an attempt; resumes from the
 shutdown                   checkpoint the trainer wrote when told to stop
 anything, after the job    nothing: the reaper already gave the job to another attempt (this
-was taken away, and        one's heartbeats did not reach the database in time); a trainer
-``EXIT_SUPERSEDED`` (7)    learns it at its next write or cancel poll (`jobs.hold_attempt`) and
-                           exits with 7, having written nothing more
+was taken away, and        one's heartbeats did not reach the database in time); the
+``EXIT_SUPERSEDED`` (7)    supervisor that learns it SIGKILLs its trainer (a stop checkpoint
+                           could replace the new attempt's file), and a trainer that learns it
+                           first, at its cancel poll or its next write (`jobs.hold_attempt`),
+                           exits with 7 having written nothing more
 anything else (signal,     requeued while ``attempt < max_attempts`` (the next attempt resumes
 OOM, crash, the template   from the newest checkpoint whose sha256 matches; a retried job has
 died under the trainer)    more, ``jobs.attempt_budget``), else ``failed``; the error reads
@@ -335,9 +337,14 @@ def supervise(
             # database in time) or it finished; None: the database is unreachable, keep going.
             owned = _best_effort(jobs.heartbeat, job_id, attempt=attempt) is not False
         if stop is None:
-            if _shutdown_requested or not owned:
+            if not owned:
+                # Another attempt has the job: a checkpoint written now could replace one of
+                # its files, and the store refuses this attempt's records anyway.
+                stop = _Stop("lost", now, term_sent=now, kill_sent=True)
+                _signal_group(trainer.pid, signal.SIGKILL)
+            elif _shutdown_requested:
                 # The trainer checkpoints on SIGTERM; nothing to wait for.
-                stop = _Stop("shutdown" if owned else "lost", now, term_sent=now)
+                stop = _Stop("shutdown", now, term_sent=now)
                 _signal_group(trainer.pid, signal.SIGTERM)
             elif _best_effort(jobs.cancel_requested, job_id):
                 # The trainer polls the same flag and stops by itself; this is the fallback.

@@ -99,6 +99,7 @@ class StoreCallback:
         self.parent_pid = parent_pid
         self._cancel_checked_at = float("-inf")
         self._cancelled = False
+        self.superseded = False  # the job went to another attempt: send nothing more
         self._pending: list[dict] = []
         # A worker on another box (`worker.artifacts`): checkpoints are sent to the API's box
         # first, and the uploader records them (with their epochs) once they are there.
@@ -111,8 +112,11 @@ class StoreCallback:
 
     def flush(self) -> None:
         """Write the epochs held back (a remote worker: after the uploads queued before them,
-        all of which are waited for)."""
+        all of which are waited for; none after a hand-over)."""
         if self.uploader is not None:
+            if self.superseded:
+                self.uploader.abandon()
+                return
             self.uploader.epochs(self._pending)
             self._pending = []
             self.uploader.close()
@@ -121,6 +125,16 @@ class StoreCallback:
             db.call(_record_progress, self.job_id, self._pending, attempt=self.attempt)
             self._pending = []
             events.publish_changed(self.job_id)
+
+    def before_checkpoint(self, path: str, epoch: int) -> None:
+        # The file may replace one the job's new attempt has recorded (it trains the same
+        # epochs): written only while the job is still this attempt's. The cancel poll does
+        # not cover it: it runs once a second, and not after the last epoch.
+        try:
+            db.call(jobs.hold_attempt, self.job_id, attempt=self.attempt, lock=False)
+        except jobs.AttemptSuperseded:
+            self.superseded = True
+            raise
 
     def on_checkpoint(
         self, path: str, epoch: int, sha256: str, size_bytes: int, is_best: bool
@@ -160,6 +174,7 @@ class StoreCallback:
                     db.call(read_stop_request, self.job_id, self.attempt, retry_for_s=0)
                 )
             except jobs.AttemptSuperseded:
+                self.superseded = True
                 raise  # ends the run at once: a stop would write a checkpoint
             except Exception as error:  # noqa: BLE001 - the next poll asks again
                 log.warning("could not read the cancel flag: %s", error)
@@ -444,7 +459,8 @@ def train(job_id: str) -> int:
         _check_device(device)
     except Exception as error:  # noqa: BLE001 - whatever CUDA raises: the device is unusable
         return _fail_for_device(job_id, error)
-    # This attempt's number, from the supervisor (a trainer started by hand: the job's current).
+    # This attempt's number, from the supervisor; a trainer started by hand takes the job's
+    # current one, and trains only while the job is running (its first write checks).
     attempt = int(os.environ.get(ATTEMPT_ENV) or job.attempt)
     resume_from = _resume_file(job_id)
     if resume_from:

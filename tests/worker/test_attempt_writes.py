@@ -111,8 +111,15 @@ def test_the_callback_stops_at_once_and_writes_nothing_more(store):
     callback._cancel_checked_at = float("-inf")  # the next poll is due
     with pytest.raises(jobs.AttemptSuperseded):
         callback.should_stop()  # raised, not True: a stop would write a checkpoint
+    assert callback.superseded
     with pytest.raises(jobs.AttemptSuperseded):
         callback.on_checkpoint_removed(checkpoint(job_id, 1)["path"])
+    fresh = trainer.StoreCallback(
+        job_id, attempt=1, stop_event=threading.Event(), parent_pid=os.getppid()
+    )
+    with pytest.raises(jobs.AttemptSuperseded):  # asked before the file is written
+        fresh.before_checkpoint(checkpoint(job_id, 1)["path"], 1)
+    assert fresh.superseded
     with pytest.raises(jobs.AttemptSuperseded):
         callback.flush()  # refused too: the new attempt trains epoch 1 again and records it
     assert stored(store, job_id) == ([], [])

@@ -273,3 +273,33 @@ def test_two_downloads_of_one_checkpoint_use_their_own_temporary_files(tmp_path)
     with pytest.raises(artifacts.DownloadMismatch):
         client.download_checkpoint("j", name, destination, sha256="0" * 64)
     assert list(destination.parent.iterdir()) == []
+
+
+def test_after_a_hand_over_the_uploader_sends_and_records_nothing(client, job_id, tmp_path):
+    assert db.call(jobs.claim_job, job_id, worker="box-a") is not None  # attempt 1
+    service_dir = get_settings().artifact_dir / "jobs" / job_id
+    uploader = artifacts.CheckpointUploader(
+        job_id, client, record(job_id), keep_last=3, keep_best=False, attempt=1
+    )
+    assert db.call(jobs.requeue_job, job_id, attempt=1, error="stale", count_attempt=True)
+    path, sha256 = write_checkpoint(tmp_path / "box-a", 1)
+    uploader.checkpoint(str(path), epoch=1, sha256=sha256, size_bytes=path.stat().st_size,
+                        is_best=False, epochs=[metrics(1)])  # fmt: skip
+    with pytest.raises(jobs.AttemptSuperseded):  # itself, not an UploadFailed: no retry
+        uploader.close(timeout=30)
+    assert not service_dir.exists() or not list(service_dir.glob("checkpoint-*"))
+    assert recorded(job_id) == []
+
+
+def test_an_abandoned_uploader_discards_what_is_queued(client, job_id, tmp_path):
+    uploader = artifacts.CheckpointUploader(
+        job_id, client, record(job_id), keep_last=3, keep_best=False
+    )
+    uploader.abandon()
+    path, sha256 = write_checkpoint(tmp_path / "box-a", 1)
+    with pytest.raises(jobs.AttemptSuperseded):
+        uploader.checkpoint(str(path), epoch=1, sha256=sha256, size_bytes=path.stat().st_size,
+                            is_best=False, epochs=[metrics(1)])  # fmt: skip
+    uploader._thread.join(timeout=10)
+    assert not uploader._thread.is_alive()
+    assert recorded(job_id) == []

@@ -185,15 +185,21 @@ def test_a_crashing_trainer_keeps_its_output_in_the_error(job_store, claimed_job
     assert "exited with code 1" in error and "something broke" in error
 
 
-def test_a_job_requeued_under_the_supervisor_stops_its_trainer(
-    job_store, claimed_job, fast, enqueued
+def test_a_job_requeued_under_the_supervisor_kills_its_trainer(
+    job_store, claimed_job, fast, enqueued, tmp_path
 ):
-    # The reaper gave the job away (our heartbeats were late): the heartbeat write says so.
+    # The reaper gave the job away (our heartbeats were late): the heartbeat write says so. The
+    # trainer is killed, not asked to stop: its stop checkpoint could replace the new attempt's.
     job_store.call(jobs.requeue_job, claimed_job, attempt=1, error="stale", count_attempt=True)
-    status = supervisor.supervise(
-        claimed_job, attempt=1, command=python("import time; time.sleep(60)")
+    marker = tmp_path / "stop-checkpoint"
+    checkpoints_on_sigterm = python(
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w'), sys.exit(4)))\n"
+        "time.sleep(60)"
     )
+    status = supervisor.supervise(claimed_job, attempt=1, command=checkpoints_on_sigterm)
     assert status is None
+    assert not marker.exists()
     assert job(job_store, claimed_job).status == "queued"
     assert enqueued == []
 
