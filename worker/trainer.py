@@ -158,7 +158,9 @@ class StoreCallback:
 
     def on_checkpoint_removed(self, path: str) -> None:
         if self.uploader is None:  # else the uploader prunes the records, by the same rule
-            db.call(_forget_checkpoint, self.job_id, path, attempt=self.attempt)
+            db.call(
+                _as_attempt, jobs.forget_checkpoint, self.job_id, attempt=self.attempt, path=path
+            )
 
     def on_step(self, epoch: int, step: int, steps: int, loss: float | None) -> None:
         self.progress.on_step(epoch, step, steps, loss)
@@ -220,14 +222,11 @@ def _record_progress(
         jobs.record_checkpoint(session, job_id, **checkpoint, commit=False)
 
 
-def _forget_checkpoint(session, job_id: str, path: str, *, attempt: int) -> None:
+def _as_attempt(session, write, job_id: str, *, attempt: int, **values) -> None:
+    """``write(session, job_id, **values)`` as long as the job still runs as ``attempt``
+    (with ``db.call``)."""
     jobs.hold_attempt(session, job_id, attempt=attempt)
-    jobs.forget_checkpoint(session, job_id, path=path)
-
-
-def _set_environment(session, job_id: str, *, attempt: int, **values) -> None:
-    jobs.hold_attempt(session, job_id, attempt=attempt)
-    jobs.set_environment(session, job_id, **values)
+    write(session, job_id, **values)
 
 
 def build_config(spec: dict[str, Any], *, job_id: str):
@@ -477,7 +476,14 @@ def train(job_id: str) -> int:
         provenance["device_slots"] = slots
     if ranks.reports():  # one device, or rank 0 of several: the others only train
         described = ranks.describe_device(config.devices, _describe_device(device))
-        db.call(_set_environment, job_id, attempt=attempt, environment=provenance, device=described)
+        db.call(
+            _as_attempt,
+            jobs.set_environment,
+            job_id,
+            attempt=attempt,
+            environment=provenance,
+            device=described,
+        )
         callback = StoreCallback(
             job_id,
             attempt=attempt,

@@ -75,10 +75,14 @@ def test_a_superseded_attempts_writes_are_refused_and_change_nothing(store):
     hand_over(store, job_id)
     writes = [
         (trainer._record_progress, (job_id, [epoch(3)], checkpoint(job_id, 3)), {}),
-        (trainer._forget_checkpoint, (job_id, checkpoint(job_id, 1)["path"]), {}),
+        (
+            trainer._as_attempt,
+            (jobs.forget_checkpoint, job_id),
+            {"path": checkpoint(job_id, 1)["path"]},
+        ),
         (artifacts.prune_records, (job_id,), {"keep_last": 1, "keep_best": False}),
         (trainer.read_stop_request, (job_id, 1), {}),
-        (trainer._set_environment, (job_id,), {"environment": {"seed": 7}}),
+        (trainer._as_attempt, (jobs.set_environment, job_id), {"environment": {"seed": 7}}),
     ]
     for write, args, kwargs in writes:
         if write is not trainer.read_stop_request:
